@@ -1,0 +1,606 @@
+"""INTL: IterNorm with trace loss -- "Modulate Your Spectrum in Self-Supervised Learning"
+(Weng et al., ICLR 2024, arXiv 2305.16789), the whole pretraining method in one file.
+
+    python intl.py                                    # quick start: Fashion-MNIST on this machine
+    torchrun --nproc_per_node=8 intl.py --data /imagenet --method intl-m --multi-crop
+
+Read top to bottom beside the paper: IterNorm (§2) -> trace loss (§3) -> objective (§4)
+-> networks (§5) -> augmentation (§6) -> data -> training loop (§7) -> main.
+"""
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import random
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+
+def fail(msg):
+    """Bad input: one line on stderr and a non-zero exit, never a traceback."""
+    sys.exit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------- §2 IterNorm
+def whitened_variables(z, whiten):
+    """The matrix whose ROWS are whitened: Z centred over its d features (channel whitening,
+    the m samples are the variables) or Z^T centred over its m samples (batch whitening)."""
+    if whiten == "channel":
+        return z - z.mean(dim=1, keepdim=True)
+    return (z - z.mean(dim=0, keepdim=True)).T
+
+
+def newton_iterations(sigma_n, iters):
+    """P_k = 1.5 P_{k-1} - 0.5 P_{k-1}^3 Σ_N, P_0 = I  (§2): P_T -> Σ_N^{-1/2}."""
+    p = torch.eye(sigma_n.shape[0], dtype=sigma_n.dtype, device=sigma_n.device)
+    for _ in range(iters):
+        p = torch.addmm(p, torch.linalg.matrix_power(p, 3), sigma_n, beta=1.5, alpha=-0.5)
+    return p
+
+
+def iter_norm(z, iters=4, whiten="channel"):
+    """Ŷ = P_T(Σ/trΣ) Zc / sqrt(trΣ)  (§2), always in float32, even under autocast.
+
+    x (k variables × n observations) is whitened by the k × k covariance Σ = x x^T/(n-1).
+    P_T is a polynomial in Σ, so p(x x^T) x = x p(x^T x): when k > n the n × n Gram matrix
+    gives the same output at O(n²k) instead of O(k³)."""
+    with torch.autocast(z.device.type, enabled=False):
+        x = whitened_variables(z.float(), whiten)
+        k, n = x.shape
+        small = x @ x.T if k <= n else x.T @ x
+        small = small / (n - 1)
+        trace = small.diagonal().sum()
+        p = newton_iterations(small / trace, iters)
+        y = (p @ x if k <= n else x @ p) / trace.sqrt()
+        return y if whiten == "channel" else y.T
+
+
+# ----------------------------------------------------------------------------- §3 trace loss
+def trace_loss(y, whiten="channel"):
+    """TL(Ŷ) = Σ_j (v_j - 1)², v_j the unbiased variance of whitened variable j  (§3)."""
+    v = y.var(dim=1 if whiten == "channel" else 0)
+    return ((v - 1) ** 2).sum()
+
+
+def trace_loss_weight(k):
+    """β = 0.01 (log2 k - 3), k = number of whitened variables  (§3)."""
+    return 0.01 * (math.log2(k) - 3)
+
+
+# ----------------------------------------------------------------------------- §4 objective
+def nmse(a, b):
+    """2 - 2 mean_i cos(a_i, b_i)  (§4)."""
+    return 2 - 2 * F.cosine_similarity(a, b, dim=1).mean()
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """All-gather along the batch (§1). Backward sums the gradients of every rank and keeps
+    this rank's slice, so that DDP's gradient average equals the single-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(z):
+    """The global batch: every rank whitens the same m × d matrix."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return GatherWithGrad.apply(z)
+    return z
+
+
+def intl_loss(online, target, views, beta, iters=4, whiten="channel"):
+    """INTL (target None) or INTL-M (momentum target encodes views[0])  (§4).
+
+    Returns the loss, its nmse and (unweighted) trace-loss parts, and the global embedding
+    and whitened output of one online view, for the spectrum."""
+    whiten_ = lambda z: iter_norm(gather(z), iters, whiten)
+    if target is None:   # L = 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_0) + β (TL(Ŷ_i) + TL(Ŷ_0))]
+        zs = online(views)
+        ys = [whiten_(z) for z in zs]
+        y0, ys = ys[0], ys[1:]
+        tl0 = trace_loss(y0, whiten)
+        tls = [trace_loss(y, whiten) + tl0 for y in ys]
+    else:                # L = 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_target) + β TL(Ŷ_i)]
+        with torch.no_grad():
+            y0 = whiten_(target(views[:1])[0])
+        zs = online(views[1:])
+        ys = [whiten_(z) for z in zs]
+        tls = [trace_loss(y, whiten) for y in ys]
+    n = torch.stack([nmse(y, y0) for y in ys]).mean()
+    tl = torch.stack(tls).mean()
+    return n + beta * tl, n.detach(), tl.detach(), (gather(zs[0].detach()), ys[0].detach())
+
+
+def momentum_at(step, total_steps, m0):
+    """m = 1 - (1 - m0)(cos(π t / t_total) + 1)/2: m0 at the start, 1 at the end  (§4)."""
+    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+@torch.no_grad()
+def update_momentum(target, online, m):
+    """θ_target <- m θ_target + (1 - m) θ_online, parameters only  (§4)."""
+    t, o = list(target.parameters()), list(online.parameters())
+    torch._foreach_mul_(t, m)
+    torch._foreach_add_(t, o, alpha=1 - m)
+
+
+def spectrum(z, whiten="channel"):
+    """Condition number λmax/λmin (capped at 1e12: singular) and effective rank
+    exp(entropy(λ/Σλ)) of the covariance of the whitened variables -- the paper's
+    view of collapse."""
+    x = whitened_variables(z.detach().double().cpu(), whiten)
+    k, n = x.shape
+    lam = torch.linalg.eigvalsh((x @ x.T if k <= n else x.T @ x) / (n - 1)).clamp_min(0)
+    lam = torch.cat([lam, lam.new_zeros(k - len(lam))])   # the Gram misses k - n zeros
+    p = lam / lam.sum()
+    erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
+    cond = (lam.max() / lam.min().clamp_min(lam.max() * 1e-12)).item()
+    return {"cond": cond, "erank": erank}
+
+
+# ----------------------------------------------------------------------------- §5 networks
+RESNETS = [n for n in torchvision.models.list_models(module=torchvision.models)
+           if n.startswith(("resnet", "wide_resnet", "resnext"))]
+
+
+def resnet_backbone(arch, small_images=False):
+    """torchvision ResNet without its classifier; last BN of each block zero-initialised
+    except for ResNet-18; 3×3 stride-1 stem and no max-pool for 32-px images  (§5)."""
+    if arch not in RESNETS:
+        fail(f"unknown --arch {arch!r}; choose one of {', '.join(RESNETS)}")
+    net = torchvision.models.get_model(arch, zero_init_residual=arch != "resnet18")
+    if small_images:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def projector(in_dim, widths):
+    """Linear(no bias)-BN-ReLU for each hidden width, then Linear(bias)  (§5)."""
+    dims = [in_dim] + [int(w) for w in widths.split("-")]
+    layers = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Backbone + projector over a list of views, in ONE forward so that DDP reduces once.
+    Each view is its own BN batch, as in the authors' code."""
+
+    def __init__(self, backbone, projector):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+
+    def forward(self, views):
+        return [self.projector(self.backbone(v)) for v in views]
+
+
+# ----------------------------------------------------------------------------- §6 augmentation
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+#            (size, scale range,    p_blur, p_solarize)
+TWO_VIEWS = [(224, (0.08, 1.0), 1.0, 0.0), (224, (0.08, 1.0), 0.1, 0.2)]
+MULTI_CROP = [(224, (0.2, 1.0), 0.5, 0.1), (224, (0.2, 1.0), 0.5, 0.1),
+              (192, (0.171, 0.857), 0.5, 0.1), (160, (0.143, 0.714), 0.5, 0.1),
+              (128, (0.114, 0.571), 0.5, 0.1), (96, (0.086, 0.429), 0.5, 0.1)]
+SMALL_IMAGES = [(32, (0.08, 1.0), 0.0, 0.0), (32, (0.08, 1.0), 0.0, 0.2)]
+
+
+def crop_transform(size, scale, p_blur, p_sol):
+    """One crop of §6. The 23-px blur kernel spans ±5.5σ at σ = 2, i.e. the exact Gaussian."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=p_blur),
+        T.RandomSolarize(128, p=p_sol),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def apply_each(crops, img):
+    return [crop(img) for crop in crops]
+
+
+def views_transform(recipe):
+    """PIL image -> list of augmented views (picklable, so data workers can spawn)."""
+    return partial(apply_each, [crop_transform(*c) for c in recipe])
+
+
+def eval_transform(small_images):
+    """Centre view for evaluation: Resize(256) + CenterCrop(224), or as is for 32-px data."""
+    resize = [] if small_images else [T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+                                      T.CenterCrop(224)]
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# ----------------------------------------------------------------------------- data
+FMNIST_DIRS = ["/usr/share/datasets/fashion-mnist", "./data", "./data/FashionMNIST/raw"]
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format), gzipped: big-endian dims, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(train=True):
+    """uint8 images (N, 28, 28) and labels from the Debian package dataset-fashion-mnist,
+    else ./data, else a torchvision download into ./data."""
+    split = "train" if train else "t10k"
+    for d in FMNIST_DIRS:
+        images = os.path.join(d, f"{split}-images-idx3-ubyte.gz")
+        if os.path.exists(images):
+            return read_idx(images), read_idx(os.path.join(d, f"{split}-labels-idx1-ubyte.gz"))
+    try:
+        ds = torchvision.datasets.FashionMNIST("./data", train=train, download=True)
+    except Exception as e:
+        fail(f"Fashion-MNIST not in {', '.join(FMNIST_DIRS)} and the download failed "
+             f"({type(e).__name__}); install the Debian package dataset-fashion-mnist")
+    return ds.data.numpy(), ds.targets.numpy()
+
+
+class GreyImages(torch.utils.data.Dataset):
+    """uint8 greyscale images -> RGB PIL images padded to 32 px, then `transform`."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(np.pad(self.images[i], 2)).convert("RGB")
+        return self.transform(img), int(self.labels[i])
+
+
+def image_folder(root, transform):
+    """torchvision ImageFolder with one-line errors for a missing or empty folder."""
+    if not os.path.isdir(root):
+        fail(f"{root} not found: --data DIR must hold DIR/train/<class>/<image> (ImageNet layout)")
+    try:
+        return torchvision.datasets.ImageFolder(root, transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"no images in {root}: {str(e).splitlines()[0]}")
+
+
+def train_dataset(args, transform):
+    if args.data == "fashion-mnist":
+        ds = GreyImages(*load_fashion_mnist(train=True), transform)
+    else:
+        ds = image_folder(os.path.join(args.data, "train"), transform)
+    if args.subset and args.subset < len(ds):   # a fixed random subset, the same on every rank
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.subset]
+        ds = torch.utils.data.Subset(ds, idx.tolist())
+    return ds
+
+
+# ----------------------------------------------------------------------------- §7 training loop
+def learning_rate(step, total_steps, warmup_steps, lr):
+    """Linear warm-up from 0, then per-step cosine to 0.001 × lr  (§7)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return lr * q + 0.001 * lr * (1 - q)
+
+
+def param_groups(model, wd):
+    """Weight decay on weights only; none on biases and BN parameters (1-d)  (§7)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); plain python runs one process."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    small = args.small_images or args.data == "fashion-mnist"
+    recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
+    if args.amp == "auto":
+        args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # the same seed on every rank for the weights, then one per rank for augmentation
+    torch.manual_seed(args.seed)
+    backbone, dim = resnet_backbone(args.arch, args.small_images)
+    online = Encoder(backbone, projector(dim, args.projector)).to(device)
+    if device.type == "cuda":
+        online = online.to(memory_format=torch.channels_last)
+    if world > 1 and device.type == "cuda":
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    target = None
+    if args.method == "intl-m":
+        target = copy.deepcopy(online).requires_grad_(False)
+    model = online
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            online, device_ids=[device.index] if device.type == "cuda" else None)
+    seed = args.seed + rank
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+
+    dataset = train_dataset(args, views_transform(recipe))
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
+    per_rank = args.batch_size // world
+    if len(sampler) < per_rank:
+        fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
+
+    optimizer = torch.optim.SGD(param_groups(online, args.wd), lr=0, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    lr = args.lr * args.batch_size / 256
+    total_steps = args.epochs * len(loader)
+    warmup_steps = args.warmup_epochs * len(loader)
+    k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
+    beta = args.beta if args.beta is not None else trace_loss_weight(k)
+
+    start_epoch, step = 0, 0
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    if resume:
+        if not os.path.exists(resume):
+            fail(f"--resume {resume}: no such file")
+        ckpt = load_checkpoint(resume)
+        try:
+            online.load_state_dict(ckpt["model"])
+            if target is not None:
+                target.load_state_dict(ckpt["target"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
+            fail(f"checkpoint {resume} does not match this run ({args.arch}, {args.method}, "
+                 f"--projector {args.projector}): {str(e).splitlines()[0]}")
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    autocast = torch.autocast(device.type, dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16,
+                              enabled=args.amp != "off")
+    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views, {world} process(es) on {device.type}, "
+        f"global batch {args.batch_size}, beta {beta:.4f}, {len(dataset)} images, "
+        f"{len(loader)} steps/epoch, amp {args.amp}")
+    stop = min(args.epochs, args.stop_epoch or args.epochs)
+    for epoch in range(start_epoch, stop):
+        sampler.set_epoch(epoch)
+        model.train()
+        if target is not None:
+            target.train()
+        t_last, wait, seen = time.time(), 0.0, 0
+        t_data = time.time()
+        for i, (views, _) in enumerate(loader):
+            views = [v.to(device, non_blocking=True, memory_format=mem) for v in views]
+            wait += time.time() - t_data
+            for g in optimizer.param_groups:
+                g["lr"] = learning_rate(step, total_steps, warmup_steps, lr)
+            if target is not None:
+                update_momentum(target, online, momentum_at(step, total_steps, args.momentum))
+            with autocast:
+                loss, n, tl, last = intl_loss(model, target, views, beta, args.iters, args.whiten)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += args.batch_size
+            if step % args.print_freq == 0 or i == len(loader) - 1:
+                dt = time.time() - t_last
+                rec = {"epoch": epoch, "step": step, "loss": loss.item(), "nmse": n.item(),
+                       "trace_loss": tl.item(), "lr": optimizer.param_groups[0]["lr"],
+                       "img_per_s": seen / dt, "data_wait": wait / dt}
+                log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{len(loader)} loss {rec['loss']:.4f} "
+                    f"(nmse {rec['nmse']:.4f} tl {rec['trace_loss']:.3f}) lr {rec['lr']:.4g} "
+                    f"{rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%", flush=True)
+                write_log(args, rank, rec)
+                t_last, wait, seen = time.time(), 0.0, 0
+            t_data = time.time()
+        z, y = last
+        spec = {"epoch": epoch + 1, "step": step, "projector": spectrum(z, args.whiten),
+                "iternorm": spectrum(y, args.whiten)}
+        log(f"epoch {epoch + 1}: spectrum cond/erank projector {spec['projector']['cond']:.3g}/"
+            f"{spec['projector']['erank']:.1f}, IterNorm output {spec['iternorm']['cond']:.3g}/"
+            f"{spec['iternorm']['erank']:.1f} of {y.shape[0] if args.whiten == 'channel' else y.shape[1]}",
+            flush=True)
+        write_log(args, rank, spec)
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            save_atomic({"model": online.state_dict(),
+                         "target": target.state_dict() if target is not None else None,
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch + 1, "step": step, "args": vars(args), "rng": rngs},
+                        ckpt_path)
+            save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+    if world > 1:
+        dist.destroy_process_group()
+    return online.backbone, rank
+
+
+def write_log(args, rank, rec):
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+# ----------------------------------------------------------------------------- k-NN check
+@torch.no_grad()
+def features(backbone, dataset, device, batch_size=512, workers=0):
+    """L2-normalised features of a frozen backbone (eval mode), and the labels."""
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(F.normalize(backbone(x.to(device)).float(), dim=1))
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
+    """k-NN on L2-normalised features by cosine similarity, queries in chunks: majority
+    vote (temperature None; ties to the smallest class) or DINO's exp(cos/T) weights."""
+    classes = int(bank_labels.max()) + 1
+    preds = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        w = torch.ones_like(sim) if temperature is None else (sim / temperature).exp()
+        votes = torch.zeros(len(q), classes, device=q.device, dtype=w.dtype)
+        votes.scatter_add_(1, bank_labels[idx], w)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def quick_start_knn(backbone, args, n_bank=10000, n_test=2000):
+    """5-NN top-1 on Fashion-MNIST test images: the trained backbone vs a random one."""
+    device = next(backbone.parameters()).device
+    tf = eval_transform(small_images=True)
+    images, labels = load_fashion_mnist(train=True)
+    bank = GreyImages(images[:n_bank], labels[:n_bank], tf)
+    images, labels = load_fashion_mnist(train=False)
+    test = GreyImages(images[:n_test], labels[:n_test], tf)
+    torch.manual_seed(args.seed)
+    random_init = resnet_backbone(args.arch, args.small_images)[0].to(device)
+    for name, net in [("trained", backbone), ("random init", random_init)]:
+        fb, lb = features(net, bank, device)
+        fq, lq = features(net, test, device)
+        acc = (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item()
+        print(f"5-NN top-1 on {n_test} Fashion-MNIST test images (bank: {n_bank} training "
+              f"images), {name} backbone: {100 * acc:.1f}%", flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024",
+               "--batch-size", "256", "--lr", "0.5", "--wd", "1e-4", "--epochs", "1",
+               "--warmup-epochs", "0", "--subset", "30000", "--workers", "1",
+               "--print-freq", "10", "--output-dir", "runs/quick-start"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="DIR with DIR/train/<class>/<image> (ImageNet layout), or fashion-mnist")
+    p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
+    p.add_argument("--method", choices=["intl", "intl-m"], default="intl")
+    p.add_argument("--whiten", choices=["channel", "batch"], default="channel",
+                   help="whiten the samples (channel) or the features (batch)")
+    p.add_argument("--iters", type=int, default=4, help="Newton iterations T")
+    p.add_argument("--beta", type=float, default=None, help="trace-loss weight (default: from the batch size)")
+    p.add_argument("--momentum", type=float, default=0.996, help="INTL-M start momentum m0")
+    p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
+    p.add_argument("--small-images", action="store_true", help="32-px data: 3x3 stem and the 32-px crops")
+    p.add_argument("--projector", default="8192-8192-8192", help="projector widths")
+    p.add_argument("--multi-crop", action="store_true", help="6 crops: 2x224, 192, 160, 128, 96")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--stop-epoch", type=int, default=0,
+                   help="stop after this epoch (schedules still span --epochs); resume later")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--lr", type=float, default=0.5, help="base lr per 256 images")
+    p.add_argument("--wd", type=float, default=1e-5, help="weight decay (weights only)")
+    p.add_argument("--warmup-epochs", type=int, default=2)
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="auto: bf16 on GPUs that support it, else off")
+    p.add_argument("--workers", type=int, default=8, help="data workers per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--output-dir", default="runs/intl")
+    p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
+    args = p.parse_args(argv)
+    if not args.data:
+        fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
+    for name in ["epochs", "batch_size", "iters", "print_freq"]:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def main():
+    quick = len(sys.argv) == 1
+    if quick:
+        print("quick start: python intl.py " + " ".join(QUICK_START), flush=True)
+    args = parse_args(QUICK_START if quick else None)
+    backbone, rank = train(args)
+    if quick and rank == 0:
+        quick_start_knn(backbone, args)
+
+
+if __name__ == "__main__":
+    main()
