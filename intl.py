@@ -51,13 +51,13 @@ def newton_iterations(sigma_n, iters):
 
 
 def iter_norm(z, iters=4, whiten="channel"):
-    """Ŷ = P_T(Σ/trΣ) Zc / sqrt(trΣ)  (§2), always in float32, even under autocast.
+    """Ŷ = P_T(Σ/trΣ) Zc / sqrt(trΣ)  (§2), in float32 (or float64) even under autocast.
 
     x (k variables × n observations) is whitened by the k × k covariance Σ = x x^T/(n-1).
     P_T is a polynomial in Σ, so p(x x^T) x = x p(x^T x): when k > n the n × n Gram matrix
     gives the same output at O(n²k) instead of O(k³)."""
     with torch.autocast(z.device.type, enabled=False):
-        x = whitened_variables(z.float(), whiten)
+        x = whitened_variables(z.to(torch.promote_types(z.dtype, torch.float32)), whiten)
         k, n = x.shape
         small = x @ x.T if k <= n else x.T @ x
         small = small / (n - 1)
@@ -250,7 +250,7 @@ def read_idx(path):
         data = f.read()
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def load_fashion_mnist(train=True):
@@ -364,9 +364,10 @@ def load_checkpoint(path):
 
 
 def train(args):
-    rank, world, device = setup_distributed()
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    rank, world, device = setup_distributed()
     small = args.small_images or args.data == "fashion-mnist"
     recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
     if args.amp == "auto":
@@ -559,30 +560,33 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="DIR with DIR/train/<class>/<image> (ImageNet layout), or fashion-mnist")
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
-    p.add_argument("--method", choices=["intl", "intl-m"], default="intl")
+    p.add_argument("--method", choices=["intl", "intl-m"], default="intl",
+                   help="INTL, or INTL-M with a momentum target encoding the first view")
     p.add_argument("--whiten", choices=["channel", "batch"], default="channel",
                    help="whiten the samples (channel) or the features (batch)")
     p.add_argument("--iters", type=int, default=4, help="Newton iterations T")
-    p.add_argument("--beta", type=float, default=None, help="trace-loss weight (default: from the batch size)")
+    p.add_argument("--beta", type=float, default=None, help="trace-loss weight β (None: 0.01 (log2 k - 3), k the global batch or the embedding dim)")
     p.add_argument("--momentum", type=float, default=0.996, help="INTL-M start momentum m0")
     p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
     p.add_argument("--small-images", action="store_true", help="32-px data: 3x3 stem and the 32-px crops")
     p.add_argument("--projector", default="8192-8192-8192", help="projector widths")
     p.add_argument("--multi-crop", action="store_true", help="6 crops: 2x224, 192, 160, 128, 96")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="pretraining epochs")
     p.add_argument("--stop-epoch", type=int, default=0,
                    help="stop after this epoch (schedules still span --epochs); resume later")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size")
-    p.add_argument("--lr", type=float, default=0.5, help="base lr per 256 images")
+    p.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images (lr = LR × batch/256)")
     p.add_argument("--wd", type=float, default=1e-5, help="weight decay (weights only)")
-    p.add_argument("--warmup-epochs", type=int, default=2)
+    p.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up epochs")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="auto: bf16 on GPUs that support it, else off")
     p.add_argument("--workers", type=int, default=8, help="data workers per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=50)
-    p.add_argument("--output-dir", default="runs/intl")
-    p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights (augmentation: seed + rank)")
+    p.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--output-dir", default="runs/intl",
+                   help="checkpoint.pth, backbone.pth and log.jsonl go here")
+    p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
+    p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data:
         fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")

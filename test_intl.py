@@ -1,0 +1,399 @@
+"""Tests for intl.py: every equation against an independent float64 computation, DDP against
+one process, resume against a straight run, and the command line on real image files."""
+import copy
+import hashlib
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image
+
+import intl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------- references
+def reference_iternorm(z, iters, whiten):
+    """§2 written out literally: the d × d (or m × m) covariance, no Gram shortcut."""
+    m, d = z.shape
+    if whiten == "channel":
+        zc = z - z.mean(dim=1, keepdim=True)
+        sigma = zc @ zc.T / (d - 1)
+    else:
+        zc = z - z.mean(dim=0, keepdim=True)
+        sigma = zc.T @ zc / (m - 1)
+    tr = torch.trace(sigma)
+    p = torch.eye(len(sigma), dtype=z.dtype)
+    for _ in range(iters):
+        p = 1.5 * p - 0.5 * p @ p @ p @ (sigma / tr)
+    return p @ zc / tr.sqrt() if whiten == "channel" else zc @ p / tr.sqrt()
+
+
+def reference_trace_loss(y, whiten):
+    cov = torch.cov(y if whiten == "channel" else y.T)   # rows are variables, divisor n - 1
+    return ((torch.diagonal(cov) - 1) ** 2).sum()
+
+
+def reference_nmse(a, b):
+    a = a / a.norm(dim=1, keepdim=True)
+    b = b / b.norm(dim=1, keepdim=True)
+    return 2 - 2 * (a * b).sum(dim=1).mean()
+
+
+def with_eigenvalues(lam, n, whiten, seed=0):
+    """An input Z whose whitened-variable covariance has exactly the eigenvalues lam."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(lam)
+    u, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    # n orthonormal directions orthogonal to the all-ones vector, so centring is a no-op
+    a = torch.cat([torch.ones(n, 1, dtype=torch.float64), torch.randn(n, k, generator=g, dtype=torch.float64)], 1)
+    v = torch.linalg.qr(a)[0][:, 1:]
+    x = u @ torch.diag((lam * (n - 1)).sqrt()) @ v.T      # k × n, x x^T/(n-1) = U diag(lam) U^T
+    shift = torch.randn(k, 1, generator=g, dtype=torch.float64)
+    return (x + shift) if whiten == "channel" else (x + shift).T
+
+
+# ----------------------------------------------------------------------------- a. IterNorm
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+@pytest.mark.parametrize("iters", [1, 4, 8])
+def test_iternorm_spectrum_is_lambda_p_squared(whiten, iters):
+    lam = torch.tensor([3.0, 1.5, 1.0, 0.6, 0.3, 0.1], dtype=torch.float64)
+    z = with_eigenvalues(lam, 40, whiten)
+    y = intl.iter_norm(z, iters, whiten)
+    x = intl.whitened_variables(y, whiten)
+    got = torch.linalg.eigvalsh(x @ x.T / (x.shape[1] - 1))
+    lam_n, p = lam / lam.sum(), torch.ones_like(lam)
+    for _ in range(iters):               # the scalar Newton map
+        p = 1.5 * p - 0.5 * p ** 3 * lam_n
+    want = torch.sort(lam_n * p ** 2).values
+    assert torch.allclose(got, want, rtol=1e-8, atol=0)
+    assert not torch.allclose(got, torch.sort(lam_n).values, rtol=1e-3)   # the map did something
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_iternorm_converges_to_zca(whiten):
+    lam = torch.tensor([1.2, 1.0, 0.9, 0.8, 0.7], dtype=torch.float64)
+    z = with_eigenvalues(lam, 30, whiten, seed=1)
+    y = intl.iter_norm(z, 60, whiten)
+    x = intl.whitened_variables(z, whiten)
+    e, u = torch.linalg.eigh(x @ x.T / (x.shape[1] - 1))
+    zca = u @ torch.diag(e.rsqrt()) @ u.T @ x           # Σ^{-1/2} Zc
+    assert torch.allclose(y if whiten == "channel" else y.T, zca, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- b. Gram path
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+@pytest.mark.parametrize("m,d", [(8, 50), (50, 8)])
+def test_gram_path_equals_direct_covariance(whiten, m, d):
+    z = torch.randn(m, d, dtype=torch.float64)
+    for iters in (1, 4):
+        assert torch.allclose(intl.iter_norm(z, iters, whiten), reference_iternorm(z, iters, whiten),
+                              rtol=1e-9, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------- c. trace loss, β, gradient
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_trace_loss_is_distance_of_cov_diagonal_from_one(whiten):
+    y = torch.randn(12, 9, dtype=torch.float64) * 1.7 + 0.3
+    assert torch.allclose(intl.trace_loss(y, whiten), reference_trace_loss(y, whiten), rtol=1e-12)
+
+
+def test_beta_values_of_the_spec():
+    assert intl.trace_loss_weight(256) == pytest.approx(0.05)
+    assert intl.trace_loss_weight(512) == pytest.approx(0.06)
+    assert intl.trace_loss_weight(4096) == pytest.approx(0.09)
+
+
+def identity_encoder(views):
+    return list(views)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_intl_objectives_equal_the_spec(whiten):
+    torch.manual_seed(0)
+    zs = [torch.randn(10, 7, dtype=torch.float64) for _ in range(3)]
+    ys = [reference_iternorm(z, 4, whiten) for z in zs]
+    tl = [reference_trace_loss(y, whiten) for y in ys]
+    beta = 0.03
+    want = sum(reference_nmse(ys[i], ys[0]) + beta * (tl[i] + tl[0]) for i in (1, 2)) / 2
+    got = intl.intl_loss(identity_encoder, None, zs, beta, 4, whiten)[0]
+    assert torch.allclose(got, want, rtol=1e-10)
+    want_m = sum(reference_nmse(ys[i], ys[0]) + beta * tl[i] for i in (1, 2)) / 2
+    got_m = intl.intl_loss(identity_encoder, identity_encoder, zs, beta, 4, whiten)[0]
+    assert torch.allclose(got_m, want_m, rtol=1e-10)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+@pytest.mark.parametrize("target", [None, identity_encoder])
+def test_intl_loss_gradcheck(whiten, target):
+    torch.manual_seed(1)
+    zs = [torch.randn(6, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    f = lambda a, b: intl.intl_loss(identity_encoder, target, [a, b], 0.05, 4, whiten)[0]
+    if target is not None:   # the momentum target is a constant: no gradient reaches it
+        a = zs[0].detach()
+        assert torch.autograd.gradcheck(lambda b: f(a, b), zs[1:])
+    else:
+        assert torch.autograd.gradcheck(f, zs)
+
+
+# ----------------------------------------------------------------------------- d. autocast
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_iternorm_is_float32_under_bf16_autocast(whiten):
+    z = torch.randn(64, 32)
+    ref = intl.iter_norm(z, 4, whiten)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = intl.iter_norm(z, 4, whiten)
+        y_half_input = intl.iter_norm(z.bfloat16(), 4, whiten)
+    assert y.dtype == torch.float32 and y_half_input.dtype == torch.float32
+    assert (y - ref).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- e. DDP
+def tiny_encoder():
+    """Normalisation-free (so per-rank batches see the same network as one process)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return intl.Encoder(backbone, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12)))
+
+
+def loss_and_grads(method, views, model, online):
+    target = None
+    if method == "intl-m":
+        target = copy.deepcopy(online)
+        with torch.no_grad():
+            for p in target.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    loss = intl.intl_loss(model, target, views, 0.05)[0]
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in online.parameters()]
+
+
+def ddp_worker(rank, port, method, views, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    online = tiny_encoder()
+    model = nn.parallel.DistributedDataParallel(online)
+    half = views[0].shape[0] // 2
+    local = [v[rank * half:(rank + 1) * half] for v in views]
+    loss, grads = loss_and_grads(method, local, model, online)
+    torch.save((loss, grads), f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("method", ["intl", "intl-m"])
+def test_ddp_two_processes_equal_one(method, tmp_path):
+    torch.manual_seed(3)
+    views = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    online = tiny_encoder()
+    loss, grads = loss_and_grads(method, views, online, online)
+    torch.multiprocessing.spawn(ddp_worker, args=(free_port(), method, views, str(tmp_path / "r")), nprocs=2)
+    for rank in (0, 1):
+        loss_r, grads_r = torch.load(tmp_path / f"r.{rank}")
+        assert loss_r == pytest.approx(loss, rel=1e-5)
+        for g, g_r in zip(grads, grads_r):
+            assert (g - g_r).norm() <= 1e-5 * g.norm()
+
+
+# ----------------------------------------------------------------------------- f. crops, momentum, schedules
+def test_multi_crop_gives_six_crops_of_the_spec_sizes():
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (300, 260, 3), np.uint8))
+    views = intl.views_transform(intl.MULTI_CROP)(img)
+    assert [tuple(v.shape) for v in views] == [(3, s, s) for s in (224, 224, 192, 160, 128, 96)]
+    assert [tuple(v.shape) for v in intl.views_transform(intl.TWO_VIEWS)(img)] == [(3, 224, 224)] * 2
+    scales = [c[1] for c in intl.MULTI_CROP]
+    assert scales[2:] == [(0.171, 0.857), (0.143, 0.714), (0.114, 0.571), (0.086, 0.429)]
+
+
+def test_momentum_schedule_and_ema():
+    assert intl.momentum_at(0, 1000, 0.996) == pytest.approx(0.996)
+    assert intl.momentum_at(500, 1000, 0.996) == pytest.approx(0.998)
+    assert intl.momentum_at(1000, 1000, 0.996) == pytest.approx(1.0)
+    online, target = nn.Linear(4, 3), nn.Linear(4, 3)
+    before = [p.clone() for p in target.parameters()]
+    intl.update_momentum(target, online, 0.9)
+    for t0, t, o in zip(before, target.parameters(), online.parameters()):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * o)
+
+
+def test_learning_rate_schedule():
+    lr = 0.5
+    assert intl.learning_rate(0, 1000, 100, lr) == 0
+    assert intl.learning_rate(50, 1000, 100, lr) == pytest.approx(0.25)
+    assert intl.learning_rate(100, 1000, 100, lr) == pytest.approx(lr)
+    assert intl.learning_rate(550, 1000, 100, lr) == pytest.approx((lr + 0.001 * lr) / 2)
+    assert intl.learning_rate(1000, 1000, 100, lr) == pytest.approx(0.001 * lr)
+
+
+def test_weight_decay_only_on_weights():
+    enc = intl.Encoder(nn.Conv2d(3, 4, 3), intl.projector(4, "8-8"))
+    decay, no_decay = intl.param_groups(enc, 1e-5)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(enc.parameters()))
+    assert no_decay["weight_decay"] == 0
+
+
+def test_spectrum_of_whitened_output_is_flat():
+    z = torch.randn(16, 200, dtype=torch.float64) @ torch.diag(torch.linspace(0.1, 3, 200, dtype=torch.float64))
+    y = intl.iter_norm(z, 40, "channel")
+    s = intl.spectrum(y)
+    assert s["cond"] == pytest.approx(1, abs=1e-6) and s["erank"] == pytest.approx(16, rel=1e-6)
+    assert intl.spectrum(z[:, :10], "batch")["cond"] < 1e12
+    assert intl.spectrum(z[:, :20], "batch")["cond"] == pytest.approx(1e12)   # 20 > 16: singular
+
+
+# ----------------------------------------------------------------------------- networks
+def test_backbones_and_projector():
+    net, dim = intl.resnet_backbone("resnet50")
+    assert dim == 2048 and isinstance(net.fc, nn.Identity)
+    assert all((b.bn3.weight == 0).all() for b in net.layer1)          # zero-init residual
+    net18, dim18 = intl.resnet_backbone("resnet18", small_images=True)
+    assert dim18 == 512 and net18.conv1.kernel_size == (3, 3) and net18.conv1.stride == (1, 1)
+    assert isinstance(net18.maxpool, nn.Identity) and (net18.layer1[0].bn2.weight != 0).all()
+    p = intl.projector(2048, "8192-8192-8192")
+    kinds = [type(m).__name__ for m in p]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert p[0].bias is None and p[3].bias is None and p[6].bias is not None
+    assert p[6].out_features == 8192
+
+
+# ----------------------------------------------------------------------------- g. end to end
+def image_folder(root, n_per_class=4, size=40):
+    rng = np.random.RandomState(0)
+    for c, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        d = os.path.join(root, "train", f"class{c}")
+        os.makedirs(d)
+        for i in range(n_per_class):
+            img = (rng.rand(size, size, 3) * 80 + colour).clip(0, 255).astype(np.uint8)
+            ext = "png" if c == 0 else "jpg"
+            Image.fromarray(img).save(os.path.join(d, f"img{i}.{ext}"))
+    return root
+
+
+def run_intl(*args, env=None, check=True):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "intl.py"), *map(str, args)],
+                       capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+SMALL = ["--arch", "resnet18", "--projector", "32-32-32", "--workers", "0", "--print-freq", "1"]
+
+
+def test_end_to_end_two_epochs_on_an_image_folder(tmp_path):
+    data = image_folder(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    p = run_intl("--data", data, *SMALL, "--batch-size", "4", "--epochs", "2",
+                 "--method", "intl-m", "--output-dir", out)
+    assert "spectrum" in p.stdout and "img/s" in p.stdout
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 4 and ckpt["target"] is not None
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(out / "backbone.pth"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    log = [__import__("json").loads(line) for line in open(out / "log.jsonl")]
+    steps = [r for r in log if "loss" in r]
+    epochs = [r for r in log if "iternorm" in r]
+    assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
+    assert [r["epoch"] for r in epochs] == [1, 2] and epochs[0]["projector"]["erank"] > 1
+
+
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    data = image_folder(str(tmp_path / "data"), n_per_class=6, size=32)
+    args = ["--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "2",
+            "--method", "intl-m", "--warmup-epochs", "1"]
+    run_intl(*args, "--output-dir", tmp_path / "straight")
+    run_intl(*args, "--output-dir", tmp_path / "split", "--stop-epoch", "1")
+    assert torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    p = run_intl(*args, "--output-dir", tmp_path / "split")
+    assert "resumed" in p.stdout
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "target"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+# ----------------------------------------------------------------------------- h. bad input
+def assert_one_line_error(p, *words):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    assert_one_line_error(run_intl("--data", tmp_path / "nowhere", check=False), "nowhere", "not found")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert_one_line_error(run_intl("--data", tmp_path / "empty", *SMALL, check=False), "no images")
+    data = image_folder(str(tmp_path / "data"))
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    assert_one_line_error(run_intl("--data", data, "--batch-size", "5", env=env, check=False),
+                          "--batch-size 5", "world size 2")
+    assert_one_line_error(run_intl("--data", data, "--arch", "resnet7", check=False), "resnet7")
+    assert_one_line_error(run_intl("--data", data, "--epochs", "x", check=False), "--epochs")
+
+
+def test_bad_checkpoints_never_overwrite_a_good_one(tmp_path):
+    data = image_folder(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    args = ["--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "2"]
+    run_intl(*args, "--stop-epoch", "1", "--output-dir", out)
+    good = sha(out / "checkpoint.pth")
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes((out / "checkpoint.pth").read_bytes()[:5000])
+    p = run_intl(*args, "--output-dir", out, "--resume", bad, check=False)
+    assert_one_line_error(p, "truncated.pth")
+    p = run_intl(*args, "--output-dir", out, "--resume", tmp_path / "missing.pth", check=False)
+    assert_one_line_error(p, "missing.pth")
+    other = ["--data", data, *SMALL, "--arch", "resnet34", "--small-images", "--batch-size", "4"]
+    p = run_intl(*other, "--epochs", "2", "--output-dir", out, check=False)
+    assert_one_line_error(p, "does not match")
+    assert sha(out / "checkpoint.pth") == good
+
+
+# ----------------------------------------------------------------------------- i. Fashion-MNIST
+def test_fashion_mnist_reads_the_real_files():
+    assert os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"), \
+        "install the Debian package dataset-fashion-mnist"
+    images, labels = intl.load_fashion_mnist(train=True)
+    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [6000] * 10
+    assert 60 < images.mean() < 90                     # real clothing, not zeros or noise
+    test_images, test_labels = intl.load_fashion_mnist(train=False)
+    assert test_images.shape == (10000, 28, 28) and np.bincount(test_labels).tolist() == [1000] * 10
+    x, y = intl.GreyImages(images, labels, torchvision.transforms.ToTensor())[0]
+    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and y == labels[0]
+    assert torch.equal((x[0, 2:30, 2:30] * 255).round().byte(), torch.from_numpy(images[0]))
+    assert x[:, :2].sum() == 0                         # padded with black to 32 px
+
+
+def test_knn_majority_vote():
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
+    assert intl.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [0, 1]
+    assert intl.knn_predict(bank, labels, q, k=3, temperature=0.07).tolist() == [0, 1]
