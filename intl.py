@@ -114,22 +114,21 @@ def intl_loss(online, target, views, beta, iters=4, whiten="channel"):
 
     Returns the loss, its nmse and (unweighted) trace-loss parts, and the global embedding
     and whitened output of one online view, for the spectrum."""
-    whiten_ = lambda z: iter_norm(gather(z), iters, whiten)
     if target is None:   # L = 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_0) + β (TL(Ŷ_i) + TL(Ŷ_0))]
-        zs = online(views)
-        ys = [whiten_(z) for z in zs]
+        zs = [gather(z) for z in online(views)]
+        ys = [iter_norm(z, iters, whiten) for z in zs]
         y0, ys = ys[0], ys[1:]
         tl0 = trace_loss(y0, whiten)
         tls = [trace_loss(y, whiten) + tl0 for y in ys]
     else:                # L = 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_target) + β TL(Ŷ_i)]
         with torch.no_grad():
-            y0 = whiten_(target(views[:1])[0])
-        zs = online(views[1:])
-        ys = [whiten_(z) for z in zs]
+            y0 = iter_norm(gather(target(views[:1])[0]), iters, whiten)
+        zs = [gather(z) for z in online(views[1:])]
+        ys = [iter_norm(z, iters, whiten) for z in zs]
         tls = [trace_loss(y, whiten) for y in ys]
     n = torch.stack([nmse(y, y0) for y in ys]).mean()
     tl = torch.stack(tls).mean()
-    return n + beta * tl, n.detach(), tl.detach(), (gather(zs[0].detach()), ys[0].detach())
+    return n + beta * tl, n.detach(), tl.detach(), (zs[0].detach(), ys[0].detach())
 
 
 def momentum_at(step, total_steps, m0):

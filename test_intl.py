@@ -209,6 +209,17 @@ def test_ddp_two_processes_equal_one(method, tmp_path):
             assert (g - g_r).norm() <= 1e-5 * g.norm()
 
 
+def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
+    data = image_folder(str(tmp_path / "data"), n_per_class=4, size=32)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(HERE, "intl.py"), "--data", data, *SMALL, "--small-images", "--batch-size", "4",
+           "--epochs", "1", "--method", "intl-m", "--output-dir", str(tmp_path / "out")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout and p.stdout.count("step ") == 2   # rank 0 prints alone
+    assert torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)["step"] == 2
+
+
 # ----------------------------------------------------------------------------- f. crops, momentum, schedules
 def test_multi_crop_gives_six_crops_of_the_spec_sizes():
     img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (300, 260, 3), np.uint8))
