@@ -362,6 +362,42 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
+def build_encoders(args, device, world):
+    """The online encoder (and its DDP wrapper) and, for INTL-M, the momentum target.
+    Seeded alike on every rank, so all ranks start from the same weights."""
+    torch.manual_seed(args.seed)
+    backbone, dim = resnet_backbone(args.arch, args.small_images)
+    online = Encoder(backbone, projector(dim, args.projector)).to(device)
+    if device.type == "cuda":
+        online = online.to(memory_format=torch.channels_last)
+        if world > 1:    # torch's SyncBatchNorm runs on GPUs only
+            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    target = copy.deepcopy(online).requires_grad_(False) if args.method == "intl-m" else None
+    model = online
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            online, device_ids=[device.index] if device.type == "cuda" else None)
+    return online, target, model
+
+
+def resume_from(path, online, target, optimizer, scaler, args, rank):
+    """Restore everything a checkpoint holds; returns (epoch, global step)."""
+    if not os.path.exists(path):
+        fail(f"--resume {path}: no such file")
+    ckpt = load_checkpoint(path)
+    try:
+        online.load_state_dict(ckpt["model"])
+        if target is not None:
+            target.load_state_dict(ckpt["target"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        fail(f"checkpoint {path} does not match this run ({args.arch}, {args.method}, "
+             f"--projector {args.projector}): {str(e).splitlines()[0]}")
+    return ckpt["epoch"], ckpt["step"]
+
+
 def train(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
@@ -373,24 +409,9 @@ def train(args):
         args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    # the same seed on every rank for the weights, then one per rank for augmentation
-    torch.manual_seed(args.seed)
-    backbone, dim = resnet_backbone(args.arch, args.small_images)
-    online = Encoder(backbone, projector(dim, args.projector)).to(device)
-    if device.type == "cuda":
-        online = online.to(memory_format=torch.channels_last)
-    if world > 1 and device.type == "cuda":
-        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
-    target = None
-    if args.method == "intl-m":
-        target = copy.deepcopy(online).requires_grad_(False)
-    model = online
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            online, device_ids=[device.index] if device.type == "cuda" else None)
-    seed = args.seed + rank
+    online, target, model = build_encoders(args, device, world)
+    seed = args.seed + rank      # augmentation differs across ranks
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
-
     dataset = train_dataset(args, views_transform(recipe))
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
     per_rank = args.batch_size // world
@@ -403,8 +424,7 @@ def train(args):
     optimizer = torch.optim.SGD(param_groups(online, args.wd), lr=0, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     lr = args.lr * args.batch_size / 256
-    total_steps = args.epochs * len(loader)
-    warmup_steps = args.warmup_epochs * len(loader)
+    total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
     beta = args.beta if args.beta is not None else trace_loss_weight(k)
 
@@ -412,20 +432,7 @@ def train(args):
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
     if resume:
-        if not os.path.exists(resume):
-            fail(f"--resume {resume}: no such file")
-        ckpt = load_checkpoint(resume)
-        try:
-            online.load_state_dict(ckpt["model"])
-            if target is not None:
-                target.load_state_dict(ckpt["target"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, TypeError, RuntimeError, ValueError) as e:
-            fail(f"checkpoint {resume} does not match this run ({args.arch}, {args.method}, "
-                 f"--projector {args.projector}): {str(e).splitlines()[0]}")
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        start_epoch, step = resume_from(resume, online, target, optimizer, scaler, args, rank)
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -436,14 +443,12 @@ def train(args):
     log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views, {world} process(es) on {device.type}, "
         f"global batch {args.batch_size}, beta {beta:.4f}, {len(dataset)} images, "
         f"{len(loader)} steps/epoch, amp {args.amp}")
-    stop = min(args.epochs, args.stop_epoch or args.epochs)
-    for epoch in range(start_epoch, stop):
+    for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         sampler.set_epoch(epoch)
         model.train()
         if target is not None:
             target.train()
-        t_last, wait, seen = time.time(), 0.0, 0
-        t_data = time.time()
+        t_last, t_data, wait, seen = time.time(), time.time(), 0.0, 0
         for i, (views, _) in enumerate(loader):
             views = [v.to(device, non_blocking=True, memory_format=mem) for v in views]
             wait += time.time() - t_data
@@ -459,7 +464,7 @@ def train(args):
             scaler.update()
             step += 1
             seen += args.batch_size
-            if step % args.print_freq == 0 or i == len(loader) - 1:
+            if step % args.print_freq == 0 or i == len(loader) - 1:   # .item() syncs: only here
                 dt = time.time() - t_last
                 rec = {"epoch": epoch, "step": step, "loss": loss.item(), "nmse": n.item(),
                        "trace_loss": tl.item(), "lr": optimizer.param_groups[0]["lr"],
@@ -470,12 +475,13 @@ def train(args):
                 write_log(args, rank, rec)
                 t_last, wait, seen = time.time(), 0.0, 0
             t_data = time.time()
-        z, y = last
+
+        z, y = last   # the spectrum of the epoch's last batch, before and after IterNorm
         spec = {"epoch": epoch + 1, "step": step, "projector": spectrum(z, args.whiten),
                 "iternorm": spectrum(y, args.whiten)}
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {spec['projector']['cond']:.3g}/"
             f"{spec['projector']['erank']:.1f}, IterNorm output {spec['iternorm']['cond']:.3g}/"
-            f"{spec['iternorm']['erank']:.1f} of {y.shape[0] if args.whiten == 'channel' else y.shape[1]}",
+            f"{spec['iternorm']['erank']:.1f} of {k if args.whiten == 'batch' else args.batch_size}",
             flush=True)
         write_log(args, rank, spec)
         rngs = [None] * world
