@@ -147,6 +147,23 @@ def sum_over_ranks(t):
     return t
 
 
+def channels_last(device):
+    """channels_last is faster for convolutions on GPUs, slower on CPUs."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def bf16(device):
+    """bf16 autocast on GPUs that have it; fp32 elsewhere."""
+    on = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def write_log(args, rank, rec):
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 # ----------------------------------------------------------------------------- §8 k-NN
 def bank_features(backbone, dataset, rank, world, device, args):
     """L2-normalised features of the whole set on every rank: each rank encodes a shard,
@@ -159,10 +176,10 @@ def bank_features(backbone, dataset, rank, world, device, args):
     return f[y >= 0], y[y >= 0]
 
 
-def knn_eval(backbone, train, val, rank, world, device, args, autocast):
+def knn_eval(backbone, train, val, rank, world, device, args):
     """5-NN majority top-1 (the authors' small-data metric) and DINO's 20-NN top-1 weighted
     by exp(cos/0.07), on frozen features; queries in chunks so ImageNet's bank fits  (§8)."""
-    with autocast:
+    with bf16(device):
         bank, bank_labels = bank_features(backbone, train, rank, world, device, args)
         q, q_labels = features(backbone, shard(val, rank, world), device, args.batch_size, args.workers)
     result = {}
@@ -181,27 +198,27 @@ def lr_factor(epoch, epochs, schedule):
     return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def logits(model, x, finetune, autocast):
+def logits(model, x, finetune):
     """Class scores. Linear protocol: the frozen backbone runs under no_grad and the linear
     layer in fp32; fine-tuning: the whole network under autocast."""
     if finetune:
-        with autocast:
+        with bf16(x.device):
             return model(x).float()
     backbone, head = model
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), bf16(x.device):
         f = backbone(x)
     return head(f.float())
 
 
-def train_epoch(model, optimizer, loader, epoch, args, device, autocast, log):
+def train_epoch(model, optimizer, loader, epoch, args, device, log):
     """One pass over the training set; returns the mean loss of this rank."""
     finetune = args.weights == "finetune"
     model.train(finetune)   # linear protocol: the whole backbone stays in eval mode (BN frozen)
-    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    mem = channels_last(device)
     total, t_last, seen = 0.0, time.time(), 0
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(logits(model, x, finetune, autocast), y)
+        loss = F.cross_entropy(logits(model, x, finetune), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -216,16 +233,16 @@ def train_epoch(model, optimizer, loader, epoch, args, device, autocast, log):
 
 
 @torch.no_grad()
-def evaluate(backbone, head, val, rank, world, device, args, autocast):
+def evaluate(backbone, head, val, rank, world, device, args):
     """Top-1 and top-5 (%) on the whole val set: each rank scores a shard, hits summed  (§8)."""
     backbone.eval()
-    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    mem = channels_last(device)
     loader = torch.utils.data.DataLoader(shard(val, rank, world), batch_size=args.batch_size // world,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     hits = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
-        with autocast:
+        with bf16(device):
             f = backbone(x)
         top = head(f.float()).topk(min(5, head.out_features), dim=1).indices == y[:, None]
         hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
@@ -273,7 +290,8 @@ def parse_args(argv=None):
     if not args.data:
         fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
     finetune = args.weights == "finetune"
-    args.epochs = args.epochs or (20 if finetune else 100)
+    if args.epochs is None:   # §8: 100 epochs for the linear protocol, 20 for fine-tuning
+        args.epochs = 20 if finetune else 100
     args.schedule = args.schedule or ("cos" if finetune else "step")
     for name in ["epochs", "batch_size", "knn_chunk", "print_freq"]:
         if getattr(args, name) < 1:
@@ -281,38 +299,25 @@ def parse_args(argv=None):
     return args
 
 
-def run(args, rank, world, device):
-    """Build the backbone and the data, then k-NN, or train the classifier epoch by epoch."""
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
-    log = print if rank == 0 else (lambda *a, **k: None)
-    small = args.small_images or args.data == "fashion-mnist"   # 32-px images, as intl.py
+def resume_from(path, backbone, head, optimizer, args):
+    """Classifier, backbone and optimizer of an earlier run; returns its epoch and best top-1."""
+    if not os.path.isfile(path):
+        fail(f"--resume {path}: no such file")
+    ckpt = load_checkpoint(path)
+    try:
+        state = dict(ckpt["model"])
+        head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
+        backbone.load_state_dict(state)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return ckpt["epoch"], ckpt["best"]
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        fail(f"checkpoint {path} does not match this run (--arch {args.arch}, --weights {args.weights}, "
+             f"{head.out_features} classes): {type(e).__name__} {str(e).splitlines()[0]}")
+
+
+def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
+    """Linear protocol or fine-tuning (§8): train, score val every epoch, checkpoint, resume."""
     finetune = args.weights == "finetune"
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    torch.manual_seed(args.seed)   # the same random backbone and classifier on every rank
-    backbone, dim = resnet_backbone(args.arch, args.small_images)
-    if args.pretrained:
-        load_pretrained(backbone, args)
-        log(f"backbone: {args.arch} from {args.pretrained}"
-            + (" (momentum encoder)" if args.momentum_encoder else ""))
-    else:
-        log(f"backbone: {args.arch}, randomly initialised (no --pretrained), seed {args.seed}")
-    backbone = backbone.to(device, memory_format=torch.channels_last if device.type == "cuda"
-                           else torch.contiguous_format)
-    backbone.requires_grad_(finetune and not args.knn)
-    train, val, classes = datasets(args, small)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-
-    if args.knn:
-        result = knn_eval(backbone, train, val, rank, world, device, args, autocast)
-        log(f"k-NN on {len(val)} val images, bank of {len(train)}: 5-NN top-1 {result['knn5_top1']:.2f}%, "
-            f"20-NN weighted top-1 {result['knn20_top1']:.2f}%", flush=True)
-        write_log(args, rank, result)
-        return result
-
     head = nn.Linear(dim, classes).to(device)
     head.weight.data.normal_(0, 0.01)   # §8: N(0, 0.01), bias 0
     head.bias.data.zero_()
@@ -320,7 +325,8 @@ def run(args, rank, world, device):
         m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
     model = ddp(nn.Sequential(backbone, head)) if finetune else nn.Sequential(backbone, ddp(head))
     scale = args.batch_size / 256   # lr × batch/256
-    groups = [{"params": list(head.parameters()), "base_lr": (args.lr_classifier if finetune else args.lr) * scale}]
+    groups = [{"params": list(head.parameters()),
+               "base_lr": (args.lr_classifier if finetune else args.lr) * scale}]
     if finetune:
         groups.append({"params": list(backbone.parameters()), "base_lr": args.lr_backbone * scale})
     optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, weight_decay=0)   # §8: no weight decay
@@ -329,34 +335,22 @@ def run(args, rank, world, device):
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
     if resume:
-        if not os.path.isfile(resume):
-            fail(f"--resume {resume}: no such file")
-        ckpt = load_checkpoint(resume)
-        try:
-            state = dict(ckpt["model"])
-            head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
-            backbone.load_state_dict(state)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, best = ckpt["epoch"], ckpt["best"]
-        except (KeyError, TypeError, RuntimeError, ValueError) as e:
-            fail(f"checkpoint {resume} does not match this run (--arch {args.arch}, --weights "
-                 f"{args.weights}, {classes} classes): {str(e).splitlines()[0]}")
+        start_epoch, best = resume_from(resume, backbone, head, optimizer, args)
         log(f"resumed from {resume} at epoch {start_epoch}")
-
     sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
-    log(f"{'fine-tuning' if finetune else 'linear protocol'}: {len(train)} train / {len(val)} val images, "
-        f"{classes} classes, {world} process(es) on {device.type}, batch {args.batch_size}, "
-        f"{args.epochs} epochs ({args.schedule}), bf16 {bf16}")
+    log(f"{'fine-tuning' if finetune else 'linear protocol'}: {len(train)} train / {len(val)} val "
+        f"images, {classes} classes, {world} process(es) on {device.type}, batch {args.batch_size}, "
+        f"{args.epochs} epochs ({args.schedule})", flush=True)
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         t0 = time.time()
         torch.manual_seed(args.seed + epoch * world + rank)   # augmentation: a resumed run repeats it
         sampler.set_epoch(epoch)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(epoch, args.epochs, args.schedule)
-        loss = train_epoch(model, optimizer, loader, epoch, args, device, autocast, log)
-        acc1, acc5 = evaluate(backbone, head, val, rank, world, device, args, autocast)
+        loss = train_epoch(model, optimizer, loader, epoch, args, device, log)
+        acc1, acc5 = evaluate(backbone, head, val, rank, world, device, args)
         if acc1 > best["acc1"]:
             best = {"acc1": acc1, "acc5": acc5, "epoch": epoch + 1}
             if rank == 0:
@@ -378,16 +372,31 @@ def run(args, rank, world, device):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
-    result = run(args, rank, world, device)
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)   # the same random backbone and classifier on every rank
+    backbone, dim = resnet_backbone(args.arch, args.small_images)
+    if args.pretrained:
+        load_pretrained(backbone, args)
+        log(f"backbone: {args.arch} from {args.pretrained}" + (" (momentum encoder)" if args.momentum_encoder else ""))
+    else:
+        log(f"backbone: {args.arch}, randomly initialised (no --pretrained), seed {args.seed}")
+    backbone = backbone.to(device, memory_format=channels_last(device))
+    backbone.requires_grad_(args.weights == "finetune" and not args.knn)
+    train, val, classes = datasets(args, small_images=args.small_images or args.data == "fashion-mnist")
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.knn:
+        result = knn_eval(backbone, train, val, rank, world, device, args)
+        log(f"k-NN on {len(val)} val images, bank of {len(train)}: 5-NN top-1 {result['knn5_top1']:.2f}%, "
+            f"20-NN weighted top-1 {result['knn20_top1']:.2f}%", flush=True)
+        write_log(args, rank, result)
+    else:
+        result = fit(backbone, dim, train, val, classes, rank, world, device, args, log)
     if world > 1:
         dist.destroy_process_group()
     return result
-
-
-def write_log(args, rank, rec):
-    if rank == 0:
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":
