@@ -57,8 +57,7 @@ def backbone_state(path, momentum_encoder=False):
         state, prefix = ckpt, ""
         if momentum_encoder:
             fail(f"--momentum-encoder: {path} holds one backbone; give the checkpoint.pth instead")
-    if not isinstance(state, dict):
-        fail(f"--pretrained {path}: unrecognised layout; keys found: {key_prefixes(ckpt)}")
+    state = state if isinstance(state, dict) else ckpt
     out = {k[len(prefix):]: v for k, v in state.items()
            if isinstance(k, str) and k.startswith(prefix) and not k.startswith(prefix + "fc.")}
     if "conv1.weight" not in out:
