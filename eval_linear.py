@@ -1,0 +1,402 @@
+"""Evaluation of a backbone pretrained with intl.py, or by the paper's authors (spec §8, §9):
+linear probe, semi-supervised fine-tuning on the SimCLR 1 % / 10 % subsets, and k-NN.
+
+    python eval_linear.py --data fashion-mnist --arch resnet18 --pretrained runs/quick-start/backbone.pth --epochs 10
+    torchrun --nproc_per_node=8 eval_linear.py --data /imagenet --pretrained runs/intl/backbone.pth --lr 0.4
+    torchrun --nproc_per_node=8 eval_linear.py --data /imagenet --pretrained runs/intl/backbone.pth \\
+        --weights finetune --train-subset 1percent.txt --lr-classifier 0.2 --lr-backbone 0.004
+    python eval_linear.py --data fashion-mnist --arch resnet18 --pretrained runs/quick-start/backbone.pth --knn
+
+Modelled on Barlow Twins' evaluate.py and DINO's eval_linear.py / eval_knn.py.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+from intl import (MEAN, STD, GreyImages, eval_transform, fail, features, gather, image_folder,
+                  knn_predict, load_checkpoint, load_fashion_mnist, resnet_backbone, save_atomic,
+                  setup_distributed)
+
+
+# ----------------------------------------------------------------------------- §9 checkpoints
+def key_prefixes(state):
+    """'module.backbone', 'projector', ...: what an unrecognised file holds, for the error."""
+    heads = {".".join(k.split(".")[:2 if k.startswith("module.") else 1]) for k in map(str, state)}
+    return ", ".join(sorted(heads)) or "none"
+
+
+def backbone_state(path, momentum_encoder=False):
+    """The torchvision-format backbone state_dict in any of four layouts: our checkpoint.pth
+    (online or momentum encoder), our backbone.pth, the authors' checkpoint (§9), or a plain
+    torchvision state_dict (fc dropped). Also returns how the file says it was trained."""
+    if not os.path.isfile(path):
+        fail(f"--pretrained {path}: no such file")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        fail(f"--pretrained {path} holds a {type(ckpt).__name__}, not a checkpoint or a state_dict")
+    trained = ""
+    if "model" in ckpt and "target" in ckpt:        # ours: intl.py's checkpoint.pth
+        state, prefix = ckpt["target" if momentum_encoder else "model"], "backbone."
+        a = ckpt.get("args") or {}
+        trained = f"--arch {a.get('arch')}" + (" --small-images" if a.get("small_images") else "")
+        if state is None:
+            fail(f"{path} has no momentum encoder: it was pretrained with --method {a.get('method')}")
+    elif "state_dict" in ckpt:                      # the authors': module.backbone.<torchvision key>
+        state = ckpt["state_dict"]
+        prefix = "module.momentum_backbone." if momentum_encoder else "module.backbone."
+        trained = f"arch {ckpt.get('arch')}"
+    else:                                           # our backbone.pth, or torchvision's
+        state, prefix = ckpt, ""
+        if momentum_encoder:
+            fail(f"--momentum-encoder: {path} holds one backbone; give the checkpoint.pth instead")
+    state = state if isinstance(state, dict) else ckpt
+    out = {k[len(prefix):]: v for k, v in state.items()
+           if isinstance(k, str) and k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+    if "conv1.weight" not in out:
+        fail(f"--pretrained {path}: unrecognised layout (no {prefix}conv1.weight); "
+             f"key prefixes found: {key_prefixes(state)}")
+    return out, trained
+
+
+def load_pretrained(backbone, args):
+    """Load --pretrained into the backbone, or say in one line why it does not fit."""
+    state, trained = backbone_state(args.pretrained, args.momentum_encoder)
+    own = backbone.state_dict()
+    problems = [f"{k} is {list(state[k].shape)} in the file, {list(v.shape)} here"
+                for k, v in own.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems += [f"{len(missing)} keys missing ({missing[0]}, ...)"] if missing else []
+    problems += [f"{len(unexpected)} unexpected keys ({unexpected[0]}, ...)"] if unexpected else []
+    if problems:
+        this = f"--arch {args.arch}" + (" --small-images" if args.small_images else "")
+        fail(f"--pretrained {args.pretrained} does not fit {this}"
+             + (f" (it was trained with {trained})" if trained else "") + f": {problems[0]}")
+    backbone.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- data
+def subset_samples(list_file, root, class_to_idx):
+    """(path, class) for each file named in a SimCLR subset list: one name per line, e.g.
+    n01440764_10026.JPEG in root/n01440764/, the class being the part before '_'  (§8)."""
+    if not os.path.isfile(list_file):
+        fail(f"--train-subset {list_file}: no such file")
+    with open(list_file) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        fail(f"--train-subset {list_file} names no files")
+    samples = []
+    for name in names:
+        cls = name.split("_")[0]
+        path = os.path.join(root, cls, name)
+        if cls not in class_to_idx or not os.path.isfile(path):
+            fail(f"--train-subset {list_file} names {name}, but {path} does not exist")
+        samples.append((path, class_to_idx[cls]))
+    return samples
+
+
+def train_transform(small_images):
+    """RandomResizedCrop(224) + flip (§8); the same crop at 32 px for 32-px data."""
+    return T.Compose([T.RandomResizedCrop(32 if small_images else 224), T.RandomHorizontalFlip(),
+                      T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def datasets(args, small_images):
+    """Train and val sets and the number of classes. Fashion-MNIST: 60k train, the 10k test
+    images as val. k-NN uses the centre view for the bank too."""
+    train_tf = eval_transform(small_images) if args.knn else train_transform(small_images)
+    if args.data == "fashion-mnist":
+        if args.train_subset:
+            fail("--train-subset needs --data DIR in ImageNet layout")
+        train = GreyImages(*load_fashion_mnist(train=True), train_tf)
+        val = GreyImages(*load_fashion_mnist(train=False), eval_transform(small_images))
+        classes = 10
+    else:
+        train = image_folder(os.path.join(args.data, "train"), train_tf)
+        val = image_folder(os.path.join(args.data, "val"), eval_transform(small_images))
+        if val.classes != train.classes:
+            fail(f"{args.data}/val has {len(val.classes)} classes, {args.data}/train "
+                 f"{len(train.classes)}: they must be the same folders")
+        if args.train_subset:
+            train.samples = subset_samples(args.train_subset, train.root, train.class_to_idx)
+            train.targets = [c for _, c in train.samples]
+        classes = len(train.classes)
+    if args.subset and args.subset < len(train):  # a fixed random subset, the same on every rank
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.subset]
+        train = torch.utils.data.Subset(train, idx.tolist())
+    return train, val, classes
+
+
+def shard(dataset, rank, world):
+    """Every world-th image from rank on: the shards cover the set exactly once, no padding."""
+    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+
+
+def sum_over_ranks(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def channels_last(device):
+    """channels_last is faster for convolutions on GPUs, slower on CPUs."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def bf16(device):
+    """bf16 autocast on GPUs that have it; fp32 elsewhere."""
+    on = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def write_log(args, rank, rec):
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+# ----------------------------------------------------------------------------- §8 k-NN
+def bank_features(backbone, dataset, rank, world, device, args):
+    """L2-normalised features of the whole set on every rank: each rank encodes a shard,
+    padded to equal length for the all-gather, the padding (label -1) dropped after."""
+    f, y = features(backbone, shard(dataset, rank, world), device, args.batch_size, args.workers)
+    if world == 1:
+        return f, y
+    pad = math.ceil(len(dataset) / world) - len(f)
+    f, y = gather(torch.cat([f, f.new_zeros(pad, f.shape[1])])), gather(F.pad(y, (0, pad), value=-1))
+    return f[y >= 0], y[y >= 0]
+
+
+def knn_eval(backbone, train, val, rank, world, device, args):
+    """5-NN majority top-1 (the authors' small-data metric) and DINO's 20-NN top-1 weighted
+    by exp(cos/0.07), on frozen features; queries in chunks so ImageNet's bank fits  (§8)."""
+    with bf16(device):
+        bank, bank_labels = bank_features(backbone, train, rank, world, device, args)
+        q, q_labels = features(backbone, shard(val, rank, world), device, args.batch_size, args.workers)
+    result = {}
+    for name, k, temperature in [("knn5_top1", 5, None), ("knn20_top1", 20, 0.07)]:
+        pred = knn_predict(bank, bank_labels, q, k, temperature, args.knn_chunk)
+        correct = sum_over_ranks((pred == q_labels).sum().double())
+        result[name] = 100 * correct.item() / len(val)
+    return result
+
+
+# ----------------------------------------------------------------------------- §8 linear / fine-tune
+def lr_factor(epoch, epochs, schedule):
+    """×0.1 at 60 % and 80 % of the epochs (60 and 80 of 100, §8), or a per-epoch cosine."""
+    if schedule == "step":
+        return 0.1 ** sum(epoch >= int(f * epochs) for f in (0.6, 0.8))
+    return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def logits(model, x, finetune):
+    """Class scores. Linear protocol: the frozen backbone runs under no_grad and the linear
+    layer in fp32; fine-tuning: the whole network under autocast."""
+    if finetune:
+        with bf16(x.device):
+            return model(x).float()
+    backbone, head = model
+    with torch.no_grad(), bf16(x.device):
+        f = backbone(x)
+    return head(f.float())
+
+
+def train_epoch(model, optimizer, loader, epoch, args, device, log):
+    """One pass over the training set; returns the mean loss of this rank."""
+    finetune = args.weights == "finetune"
+    model.train(finetune)   # linear protocol: the whole backbone stays in eval mode (BN frozen)
+    mem = channels_last(device)
+    total, t_last, seen = 0.0, time.time(), 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(logits(model, x, finetune), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        seen += len(x)
+        if (i + 1) % args.print_freq == 0 or i == len(loader) - 1:
+            log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{len(loader)} loss {loss.item():.4f} "
+                f"lr {optimizer.param_groups[0]['lr']:.4g} {seen / (time.time() - t_last):.0f} img/s/rank",
+                flush=True)
+            t_last, seen = time.time(), 0
+    return total / max(1, len(loader))
+
+
+@torch.no_grad()
+def evaluate(backbone, head, val, rank, world, device, args):
+    """Top-1 and top-5 (%) on the whole val set: each rank scores a shard, hits summed  (§8)."""
+    backbone.eval()
+    mem = channels_last(device)
+    loader = torch.utils.data.DataLoader(shard(val, rank, world), batch_size=args.batch_size // world,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    hits = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
+        with bf16(device):
+            f = backbone(x)
+        top = head(f.float()).topk(min(5, head.out_features), dim=1).indices == y[:, None]
+        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+    hits = sum_over_ranks(hits)
+    return (100 * hits / len(val)).tolist()
+
+
+def full_state(backbone, head):
+    """Backbone + classifier as one torchvision state_dict (loads into models.<arch>())."""
+    return {**backbone.state_dict(), "fc.weight": head.weight.detach(), "fc.bias": head.bias.detach()}
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="DIR with DIR/train and DIR/val (ImageNet layout), or fashion-mnist")
+    p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
+    p.add_argument("--small-images", action="store_true", help="3x3 stem, no max-pool (as pretrained)")
+    p.add_argument("--pretrained", help="checkpoint.pth, backbone.pth, the authors' checkpoint or a "
+                                        "torchvision state_dict (default: a random backbone)")
+    p.add_argument("--momentum-encoder", action="store_true",
+                   help="evaluate the momentum (target) backbone of an INTL-M checkpoint")
+    p.add_argument("--weights", choices=["freeze", "finetune"], default="freeze",
+                   help="freeze: linear protocol; finetune: semi-supervised")
+    p.add_argument("--train-subset", help="SimCLR subset list (1percent.txt, 10percent.txt)")
+    p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
+    p.add_argument("--knn", action="store_true", help="only k-NN: 5-NN majority and 20-NN weighted top-1")
+    p.add_argument("--knn-chunk", type=int, default=256, help="queries per similarity block")
+    p.add_argument("--epochs", type=int, help="default 100 (freeze), 20 (finetune)")
+    p.add_argument("--stop-epoch", type=int, default=0,
+                   help="stop after this epoch (schedules still span --epochs); resume later")
+    p.add_argument("--schedule", choices=["step", "cos"], help="default step (freeze), cos (finetune)")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--lr", type=float, default=0.4, help="classifier base lr per 256 images (freeze)")
+    p.add_argument("--lr-classifier", type=float, default=0.2, help="classifier base lr (finetune)")
+    p.add_argument("--lr-backbone", type=float, default=0.004,
+                   help="backbone base lr (finetune): 0.004 for INTL-M, 0.006 for INTL checkpoints")
+    p.add_argument("--workers", type=int, default=8, help="data workers per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--output-dir", default="runs/eval")
+    p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
+    args = p.parse_args(argv)
+    if not args.data:
+        fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
+    finetune = args.weights == "finetune"
+    if args.epochs is None:   # §8: 100 epochs for the linear protocol, 20 for fine-tuning
+        args.epochs = 20 if finetune else 100
+    args.schedule = args.schedule or ("cos" if finetune else "step")
+    for name in ["epochs", "batch_size", "knn_chunk", "print_freq"]:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def resume_from(path, backbone, head, optimizer, args):
+    """Classifier, backbone and optimizer of an earlier run; returns its epoch and best top-1."""
+    if not os.path.isfile(path):
+        fail(f"--resume {path}: no such file")
+    ckpt = load_checkpoint(path)
+    try:
+        state = dict(ckpt["model"])
+        head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
+        backbone.load_state_dict(state)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return ckpt["epoch"], ckpt["best"]
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        fail(f"checkpoint {path} does not match this run (--arch {args.arch}, --weights {args.weights}, "
+             f"{head.out_features} classes): {type(e).__name__} {str(e).splitlines()[0]}")
+
+
+def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
+    """Linear protocol or fine-tuning (§8): train, score val every epoch, checkpoint, resume."""
+    finetune = args.weights == "finetune"
+    head = nn.Linear(dim, classes).to(device)
+    head.weight.data.normal_(0, 0.01)   # §8: N(0, 0.01), bias 0
+    head.bias.data.zero_()
+    ddp = lambda m: nn.parallel.DistributedDataParallel(
+        m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
+    model = ddp(nn.Sequential(backbone, head)) if finetune else nn.Sequential(backbone, ddp(head))
+    scale = args.batch_size / 256   # lr × batch/256
+    groups = [{"params": list(head.parameters()),
+               "base_lr": (args.lr_classifier if finetune else args.lr) * scale}]
+    if finetune:
+        groups.append({"params": list(backbone.parameters()), "base_lr": args.lr_backbone * scale})
+    optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, weight_decay=0)   # §8: no weight decay
+
+    start_epoch, best = 0, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    if resume:
+        start_epoch, best = resume_from(resume, backbone, head, optimizer, args)
+        log(f"resumed from {resume} at epoch {start_epoch}")
+    sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    log(f"{'fine-tuning' if finetune else 'linear protocol'}: {len(train)} train / {len(val)} val "
+        f"images, {classes} classes, {world} process(es) on {device.type}, batch {args.batch_size}, "
+        f"{args.epochs} epochs ({args.schedule})", flush=True)
+    for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
+        t0 = time.time()
+        torch.manual_seed(args.seed + epoch * world + rank)   # augmentation: a resumed run repeats it
+        sampler.set_epoch(epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(epoch, args.epochs, args.schedule)
+        loss = train_epoch(model, optimizer, loader, epoch, args, device, log)
+        acc1, acc5 = evaluate(backbone, head, val, rank, world, device, args)
+        if acc1 > best["acc1"]:
+            best = {"acc1": acc1, "acc5": acc5, "epoch": epoch + 1}
+            if rank == 0:
+                save_atomic(full_state(backbone, head), os.path.join(args.output_dir, "best.pth"))
+        rec = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "acc1": acc1,
+               "acc5": acc5, "best_acc1": best["acc1"], "time": time.time() - t0}
+        log(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f} top-1 {acc1:.2f}% top-5 {acc5:.2f}% "
+            f"(best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}) {rec['time']:.0f} s", flush=True)
+        write_log(args, rank, rec)
+        if rank == 0:
+            save_atomic({"model": full_state(backbone, head), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1, "best": best, "args": vars(args)}, ckpt_path)
+    if start_epoch >= args.epochs:
+        log(f"already finished: {ckpt_path} is at epoch {start_epoch} of {args.epochs}")
+    log(f"best top-1 {best['acc1']:.2f}%, top-5 {best['acc5']:.2f}% (epoch {best['epoch']})")
+    return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)   # the same random backbone and classifier on every rank
+    backbone, dim = resnet_backbone(args.arch, args.small_images)
+    if args.pretrained:
+        load_pretrained(backbone, args)
+        log(f"backbone: {args.arch} from {args.pretrained}" + (" (momentum encoder)" if args.momentum_encoder else ""))
+    else:
+        log(f"backbone: {args.arch}, randomly initialised (no --pretrained), seed {args.seed}")
+    backbone = backbone.to(device, memory_format=channels_last(device))
+    backbone.requires_grad_(args.weights == "finetune" and not args.knn)
+    train, val, classes = datasets(args, small_images=args.small_images or args.data == "fashion-mnist")
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.knn:
+        result = knn_eval(backbone, train, val, rank, world, device, args)
+        log(f"k-NN on {len(val)} val images, bank of {len(train)}: 5-NN top-1 {result['knn5_top1']:.2f}%, "
+            f"20-NN weighted top-1 {result['knn20_top1']:.2f}%", flush=True)
+        write_log(args, rank, result)
+    else:
+        result = fit(backbone, dim, train, val, classes, rank, world, device, args, log)
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The paper's ImageNet results (spec §7, §8): INTL pretraining of a ResNet-50, then the linear
+# protocol, then semi-supervised fine-tuning on the SimCLR 1 % / 10 % subsets when given.
+#
+#   SCHEDULE=100 DATA=/imagenet OUT=runs/imagenet-100 bash run_imagenet.sh
+#   SUBSET_1=1percent.txt SUBSET_10=10percent.txt SCHEDULE=800 DATA=/imagenet bash run_imagenet.sh
+#   DRY_RUN=1 SCHEDULE=800-2view DATA=/imagenet bash run_imagenet.sh    # print the commands only
+#   NNODES=4 NODE_RANK=0..3 MASTER_ADDR=node0 ...                       # on each of 4 nodes
+#
+# Re-running resumes each stage from its checkpoint (intl.py and eval_linear.py resume from
+# their output folder) and skips the stages whose folder holds a `done` marker.
+set -euo pipefail
+
+SCHEDULE=${SCHEDULE:-100}
+: "${DATA:?set DATA to the ImageNet folder (DATA/train/<class>/, DATA/val/<class>/)}"
+OUT=${OUT:-runs/imagenet-$SCHEDULE}
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+NPROC=${NPROC:-$(( gpus > 0 ? gpus : 1 ))}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+# one row of spec §7: epochs, base lr, method, crops, linear-eval lr; and the §8 backbone lr
+# for fine-tuning (0.004 for INTL-M checkpoints, 0.006 for INTL)
+case $SCHEDULE in
+  100)       epochs=100 lr=0.5 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
+  200)       epochs=200 lr=0.4 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
+  400)       epochs=400 lr=0.4 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
+  800)       epochs=800 lr=0.3 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
+  800-2view) epochs=800 lr=0.3 method=intl   crops=""           linear_lr=0.2 backbone_lr=0.006 ;;
+  *) echo "error: SCHEDULE must be 100, 200, 400, 800 or 800-2view, not '$SCHEDULE'" >&2; exit 2 ;;
+esac
+
+torchrun=(torchrun --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK"
+          --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+
+# stage NAME COMMAND...: run COMMAND unless OUT/NAME/done exists, then mark it done;
+# with DRY_RUN=1 print it on one line instead
+stage() {
+  local dir=$OUT/$1; shift
+  if [[ -e $dir/done ]]; then
+    echo "skip: $dir is done" >&2
+  elif [[ -n ${DRY_RUN:-} && ${DRY_RUN} != 0 ]]; then
+    local line; printf -v line '%q ' "$@"; echo "${line% }"
+  else
+    mkdir -p "$dir"
+    "$@"
+    touch "$dir/done"
+  fi
+}
+
+stage pretrain "${torchrun[@]}" intl.py --data "$DATA" --method $method $crops \
+  --epochs $epochs --lr $lr --output-dir "$OUT/pretrain"
+
+backbone=$OUT/pretrain/backbone.pth
+stage linear "${torchrun[@]}" eval_linear.py --data "$DATA" --pretrained "$backbone" \
+  --lr $linear_lr --output-dir "$OUT/linear"
+
+for pct in 1 10; do
+  list_var=SUBSET_$pct
+  if [[ -n ${!list_var:-} ]]; then
+    stage semi-$pct "${torchrun[@]}" eval_linear.py --data "$DATA" --pretrained "$backbone" \
+      --weights finetune --train-subset "${!list_var}" --epochs 20 \
+      --lr-classifier 0.2 --lr-backbone $backbone_lr --output-dir "$OUT/semi-$pct"
+  fi
+done
