@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from intl import (MEAN, STD, GreyImages, eval_transform, fail, features, gather, image_folder,
-                  knn_predict, load_checkpoint, load_fashion_mnist, resnet_backbone, save_atomic,
+                  knn_predict, load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
                   setup_distributed)
 
 
@@ -66,9 +66,10 @@ def backbone_state(path, momentum_encoder=False):
     return out, trained
 
 
-def load_pretrained(backbone, args):
-    """Load --pretrained into the backbone, or say in one line why it does not fit."""
-    state, trained = backbone_state(args.pretrained, args.momentum_encoder)
+def load_pretrained(backbone, args, loaded=None):
+    """Load --pretrained (or `loaded`, backbone_state's result for it) into the backbone, or
+    say in one line why it does not fit."""
+    state, trained = loaded or backbone_state(args.pretrained, args.momentum_encoder)
     own = backbone.state_dict()
     problems = [f"{k} is {list(state[k].shape)} in the file, {list(v.shape)} here"
                 for k, v in own.items() if k in state and state[k].shape != v.shape]
@@ -129,10 +130,7 @@ def datasets(args, small_images):
             train.samples = subset_samples(args.train_subset, train.root, train.class_to_idx)
             train.targets = [c for _, c in train.samples]
         classes = len(train.classes)
-    if args.subset and args.subset < len(train):  # a fixed random subset, the same on every rank
-        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.subset]
-        train = torch.utils.data.Subset(train, idx.tolist())
-    return train, val, classes
+    return random_subset(train, args.subset), val, classes
 
 
 def shard(dataset, rank, world):
@@ -260,7 +258,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="DIR with DIR/train and DIR/val (ImageNet layout), or fashion-mnist")
     p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
-    p.add_argument("--small-images", action="store_true", help="3x3 stem, no max-pool (as pretrained)")
+    p.add_argument("--small-images", action="store_true",
+                   help="3x3 stem, no max-pool (implied when --pretrained has a 3x3 conv1)")
     p.add_argument("--pretrained", help="checkpoint.pth, backbone.pth, the authors' checkpoint or a "
                                         "torchvision state_dict (default: a random backbone)")
     p.add_argument("--momentum-encoder", action="store_true",
@@ -374,10 +373,13 @@ def main(argv=None):
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     log = print if rank == 0 else (lambda *a, **k: None)
+    loaded = backbone_state(args.pretrained, args.momentum_encoder) if args.pretrained else None
+    if loaded and loaded[0]["conv1.weight"].shape[-1] == 3:   # the 3×3 stem of 32-px pretraining
+        args.small_images = True
     torch.manual_seed(args.seed)   # the same random backbone and classifier on every rank
     backbone, dim = resnet_backbone(args.arch, args.small_images)
     if args.pretrained:
-        load_pretrained(backbone, args)
+        load_pretrained(backbone, args, loaded)
         log(f"backbone: {args.arch} from {args.pretrained}" + (" (momentum encoder)" if args.momentum_encoder else ""))
     else:
         log(f"backbone: {args.arch}, randomly initialised (no --pretrained), seed {args.seed}")

@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=8 intl.py --data /imagenet --method intl-m --multi-crop
 
 Read top to bottom beside the paper: IterNorm (§2) -> trace loss (§3) -> objective (§4)
--> networks (§5) -> augmentation (§6) -> data -> training loop (§7) -> main.
+-> networks (§5) -> augmentation (§6) -> data -> training loop (§7) -> main. The § marks are
+this file's sections; where the paper leaves a detail open (divisors, centring, defaults),
+the code does what the authors' implementation does.
 """
 import argparse
 import copy
@@ -297,10 +299,15 @@ def train_dataset(args, transform):
         ds = GreyImages(*load_fashion_mnist(train=True), transform)
     else:
         ds = image_folder(os.path.join(args.data, "train"), transform)
-    if args.subset and args.subset < len(ds):   # a fixed random subset, the same on every rank
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.subset]
-        ds = torch.utils.data.Subset(ds, idx.tolist())
-    return ds
+    return random_subset(ds, args.subset)
+
+
+def random_subset(ds, n):
+    """A fixed random subset of n images (all when n is 0), the same on every rank."""
+    if not n or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
+    return torch.utils.data.Subset(ds, idx.tolist())
 
 
 # ----------------------------------------------------------------------------- §7 training loop
@@ -524,6 +531,7 @@ def features(backbone, dataset, device, batch_size=512, workers=0):
 def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
     """k-NN on L2-normalised features by cosine similarity, queries in chunks: majority
     vote (temperature None; ties to the smallest class) or DINO's exp(cos/T) weights."""
+    bank_labels = bank_labels.long()
     classes = int(bank_labels.max()) + 1
     preds = []
     for q in queries.split(chunk):
