@@ -1,15 +1,15 @@
-"""§6 augmentation for a whole batch at once, in pure torch, on the GPU or the CPU.
+"""§6 augmentation for a whole batch at once in pure torch, on the GPU (or the CPU).
 
-intl.py's recipe with torchvision's semantics: random resized crop (bicubic, antialiased) ->
-ColorJitter(0.4, 0.4, 0.2, 0.1) in random order, p 0.8 -> grayscale p 0.2 -> Gaussian blur
-(kernel 23, sigma ~ U(0.1, 2)) p_blur -> solarize p_sol -> horizontal flip p 0.5 -> normalise.
-Every random parameter is drawn per sample from a torch.Generator; nothing loops over samples,
-and with a generator on the images' device nothing waits for the host.
+intl.py's recipe with torchvision's semantics: resized crop (bicubic, antialiased) ->
+ColorJitter(0.4, 0.4, 0.2, 0.1) in random order p 0.8 -> grayscale p 0.2 -> Gaussian blur
+(23 px, sigma ~ U(0.1, 2)) p_blur -> solarize p_sol -> flip p 0.5 -> normalise. Every random
+parameter is drawn per sample from a torch.Generator; no loop over samples, and with the
+generator on the images' device, no wait for the host:
 
     views = multi_view(uint8_images.cuda(), intl.MULTI_CROP, torch.Generator("cuda"))
 
-Images: a uint8 (or [0, 1] float) tensor [N, 3, H, W], or a list of differently sized
-[3, H, W] images, which are zero-padded into one tensor (crop boxes stay inside each image).
+Images: a uint8 (or [0, 1] float) tensor [N, 3, H, W], or a list of [3, H_i, W_i] images,
+zero-padded into one tensor (each crop box stays inside its own image).
 """
 import math
 
@@ -39,8 +39,8 @@ def sample_crop_params(n, heights, widths, scale, ratio=(3 / 4, 4 / 3), generato
     device = generator.device if generator is not None else torch.device("cpu")
     H, W = column(heights, n, device), column(widths, n, device)
     # get_params: 10 tries from float32 uniforms, then Python-float (float64) arithmetic
-    log_ratio = torch.log(torch.tensor(ratio)).tolist()
     area = H * W * uniform((n, 10), *scale, generator, device).double()
+    log_ratio = torch.log(torch.tensor(ratio)).tolist()
     aspect = uniform((n, 10), *log_ratio, generator, device).exp().double()
     w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # both round half even
     ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
@@ -70,7 +70,7 @@ def sample_params(n, heights, widths, scale, p_blur, p_sol, generator=None, devi
         flip=u(0, 1) < 0.5)
 
 
-# ----------------------------------------------------------------------------- linear ops as matrices
+# ---------------------------------------------------------------- crop and blur: matrices
 def cubic(x, a=-0.5):
     """Keys' cubic kernel; a = -0.5 in torch's (and PIL's) antialiased bicubic."""
     x = x.abs()
@@ -78,66 +78,61 @@ def cubic(x, a=-0.5):
                        torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
 
 
-def resize_matrix(start, length, size, n_in):
-    """[N, size, n_in]: torch's antialiased bicubic weights resizing pixels [start, start + length)."""
+def resize_taps(start, length, size, n_in):
+    """(weights, input index) [N, size, taps]: torch's antialiased bicubic resize of pixels
+    [start, start + length) to `size` pixels."""
     start, length = start.double()[:, None, None], length.double()[:, None, None]
     scale = length / size                                # input pixels per output pixel
     stretch = scale.clamp(min=1)                         # antialias: the kernel widens to shrink
     center = scale * (torch.arange(size, device=start.device)[:, None] + 0.5)
-    # torch's window of taps [lo, hi), clipped to the crop; at most `taps` long for any box
+    # torch's window of taps [lo, hi), clipped to the crop: <= 4 stretch + 1 <= 4 n_in / size + 1
     lo = (center - 2 * stretch + 0.5).floor().clamp(min=0)
     hi = torch.minimum((center + 2 * stretch + 0.5).floor(), length)
-    taps = math.ceil(4 * max(n_in / size, 1)) + 1
-    j = lo + torch.arange(taps, device=start.device)      # crop coordinates
+    j = lo + torch.arange(math.ceil(4 * max(n_in / size, 1)) + 1, device=start.device)
     w = cubic((j - center + 0.5) / stretch) * (j < hi)
-    index = (j + start).clamp(max=n_in - 1).long()       # taps past `hi` have weight 0
-    return matrix(w / w.sum(-1, keepdim=True), index, n_in)
+    index = (j + start).clamp(max=n_in - 1).long()       # taps past `hi` weigh 0
+    return (w / w.sum(-1, keepdim=True)).float(), index
 
 
-def blur_matrix(sigma, n, kernel_size=23):
-    """[N, n, n]: torchvision's Gaussian blur along one axis, reflect padding folded in."""
+def blur_taps(sigma, n, kernel_size=23):
+    """(weights, input index) [N, n, kernel_size]: torchvision's Gaussian blur along one axis,
+    reflect padding included."""
     lim = (kernel_size - 1) / (2 * math.sqrt(2))         # torchvision's softmax(-(t / sigma)^2)
-    t = torch.linspace(-lim, lim, kernel_size, device=sigma.device)
-    w = torch.softmax(-(t / sigma[:, None]) ** 2, 1)
+    w = torch.softmax(-(torch.linspace(-lim, lim, kernel_size, device=sigma.device)
+                        / sigma[:, None]) ** 2, 1)
     w = torch.where(w < 1e-20, 0, w)[:, None].expand(-1, n, -1)   # denormals slow CPU matmuls 5x
-    j = (torch.arange(n, device=sigma.device)[:, None] + torch.arange(kernel_size, device=sigma.device) - kernel_size // 2).abs()
-    return matrix(w, torch.where(j > n - 1, 2 * (n - 1) - j, j), n)   # reflect: -1 -> 1, n -> n - 2
-
-
-def matrix(weights, index, n_in):
-    """Dense [N, n_out, n_in] from per-row taps (repeated indices add, so padding taps of 0 are fine)."""
-    index = index.expand_as(weights)
-    return weights.new_zeros(*weights.shape[:2], n_in).scatter_add_(2, index, weights)
+    j = (torch.arange(n, device=w.device)[:, None] + torch.arange(kernel_size, device=w.device)
+         - kernel_size // 2).abs()                                # reflect: -1 -> 1, ...
+    return w, torch.where(j > n - 1, 2 * (n - 1) - j, j)          # ... and n -> n - 2
 
 
 def separable(x, rows, cols):
-    """Apply per-sample matrices along the height (rows) and width (cols) of x [N, C, H, W]."""
-    return rows[:, None].float() @ x @ cols[:, None].float().transpose(-1, -2)
+    """rows @ x @ cols^T per sample and channel, each matrix given by the taps of its rows:
+    a separable filter as two batched matmuls (dense matrices: plain matmuls, fast on GPUs)."""
+    dense = lambda w, j, n: w.new_zeros(*w.shape[:2], n).scatter_add_(  # noqa: E731
+        2, j.expand_as(w), w)[:, None]                       # repeated indices (weight 0) add
+    return dense(*rows, x.shape[-2]) @ x @ dense(*cols, x.shape[-1]).transpose(-1, -2)
 
 
 def resized_crop(images, boxes, size):
     """Crop boxes (top, left, h, w), resize to size x size: torchvision's resized_crop(bicubic,
     antialias=True) on float images. uint8 images come out in [0, 1]."""
     top, left, h, w = boxes.unbind(1)
-    rows = resize_matrix(top, h, size, images.shape[-2])
-    rows = rows / 255 if images.dtype == torch.uint8 else rows    # scaling inside the linear map
-    return separable(images.float(), rows, resize_matrix(left, w, size, images.shape[-1]))
+    rw, rj = resize_taps(top, h, size, images.shape[-2])
+    rw = rw / 255 if images.dtype == torch.uint8 else rw      # scaling inside the linear map
+    return separable(images.float(), (rw, rj), resize_taps(left, w, size, images.shape[-1]))
 
 
 def gaussian_blur(x, sigma, kernel_size=23):
-    """torchvision's gaussian_blur(x, kernel_size, sigma) with a sigma per sample."""
-    return separable(x, blur_matrix(sigma, x.shape[-2], kernel_size),
-                     blur_matrix(sigma, x.shape[-1], kernel_size))
+    """torchvision's gaussian_blur(x, kernel_size, sigma) with one sigma per sample."""
+    return separable(x, blur_taps(sigma, x.shape[-2], kernel_size),
+                     blur_taps(sigma, x.shape[-1], kernel_size))
 
 
 # ----------------------------------------------------------------------------- colour ops
-def per_sample(v):
-    return v.reshape(-1, 1, 1, 1)
-
-
 def where(mask, y, x):
     """y for the samples in `mask`, x for the others."""
-    return torch.where(per_sample(mask), y, x)
+    return torch.where(mask.view(-1, 1, 1, 1), y, x)
 
 
 def grayscale(x):
@@ -147,8 +142,8 @@ def grayscale(x):
 
 
 def blend(x, y, f):
-    """torchvision's _blend: f x + (1 - f) y, clipped to [0, 1]; f = 1 is exactly x."""
-    f = per_sample(f)
+    """torchvision's _blend: f x + (1 - f) y, clipped to [0, 1]; f = 1 gives exactly x."""
+    f = f.view(-1, 1, 1, 1)
     return (x * f + y * (1 - f)).clamp(0, 1)
 
 
@@ -167,13 +162,6 @@ def adjust_saturation(x, f):
     return blend(x, grayscale(x), f)
 
 
-def blend_target(x, op):
-    """Per sample, what brightness (op 0), contrast (1) or saturation (2) blends x with."""
-    luma = grayscale(x)
-    target = where(op == 1, luma.mean((1, 2, 3), keepdim=True).expand_as(luma), luma)
-    return target * per_sample(op != 0)
-
-
 def adjust_hue(x, f):
     """torchvision's adjust_hue: RGB -> HSV, hue + f (turns), HSV -> RGB."""
     r, g, b = x.unbind(1)
@@ -182,7 +170,7 @@ def adjust_hue(x, f):
     s = delta / torch.where(delta == 0, 1, v)
     d = torch.where(delta == 0, 1, delta)                 # grey pixels: s = 0, any hue will do
     h = torch.where(v == r, (g - b) / d, torch.where(v == g, 2 + (b - r) / d, 4 + (r - g) / d))
-    h = (h / 6 + f.reshape(-1, 1, 1)) % 1
+    h = (h / 6 + f.view(-1, 1, 1)) % 1
     # HSV -> RGB without branches: channel = v - v s clip(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
     k = [(n + 6 * h) % 6 for n in (5, 3, 1)]
     return torch.stack([v - v * s * torch.minimum(kc, 4 - kc).clamp(0, 1) for kc in k], 1)
@@ -205,9 +193,12 @@ def color_jitter(x, jitter, factors, order):
     hue_at = (order == 3).int().argmax(1)
     for ks, before in ((range(3), True), (range(1, 4), False)):
         for k in ks:
-            on = jitter & ((k < hue_at) if before else (k > hue_at))
-            op = order[:, k].clamp(max=2)                  # the op at position k (hue: not `on`)
-            x = blend(x, blend_target(x, op), torch.where(on, factors.gather(0, op[None])[0], 1.0))
+            op = order[:, k].clamp(max=2)                  # brightness, contrast or saturation
+            f = torch.where(jitter & ((k < hue_at) if before else (k > hue_at)),
+                            factors.gather(0, op[None])[0], 1.0)   # 1: this step leaves x as is
+            luma = grayscale(x)
+            target = where(op == 1, luma.mean((1, 2, 3), keepdim=True).expand_as(luma), luma)
+            x = blend(x, where(op == 0, torch.zeros_like(luma), target), f)
         if before:
             x = where(jitter, adjust_hue(x, factors[3]), x)
     return x

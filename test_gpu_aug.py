@@ -50,7 +50,7 @@ def max_error(ours, reference):
     return max((o - r).abs().max().item() for o, r in zip(ours, reference))
 
 
-# ----------------------------------------------------------------------------- ops = torchvision ops
+# ------------------------------------------------------------------ ops = torchvision ops
 @pytest.mark.parametrize("size", [24, 64, 160])      # shrink, both, enlarge
 def test_resized_crop_equals_torchvision(size):
     img = images(8, 120, 90)
@@ -167,8 +167,9 @@ def test_whole_crop_equals_torchvision_ops_in_sequence():
 def test_crop_boxes_are_distributed_as_torchvision(hw, scale):
     n, (H, W) = 3000, hw
     torch.manual_seed(0)
-    ref = np.array([T.RandomResizedCrop.get_params(torch.empty(1, H, W), list(scale), [3 / 4, 4 / 3])
-                    for _ in range(n)], dtype=float)
+    draw = T.RandomResizedCrop.get_params
+    ref = np.array([draw(torch.empty(1, H, W), list(scale), [3 / 4, 4 / 3]) for _ in range(n)],
+                   dtype=float)
     ours = gpu_aug.sample_crop_params(n, H, W, scale, generator=torch.Generator().manual_seed(0))
     ours = ours.double().numpy()
     assert ((ours[:, 0] >= 0) & (ours[:, 0] + ours[:, 2] <= H)).all()
@@ -244,20 +245,27 @@ def test_small_images_recipe():
     assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_equals_cpu_and_never_waits_for_the_host():
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
+def test_each_device_gives_the_same_views_and_never_waits_for_the_host(device):
+    """Same parameters, same crop on every device (TF32 off); with a generator on the GPU,
+    multi_view never synchronises with the host (CUDA's sync debug mode raises if it does)."""
     img = images(8, 160, 200)
     p = gpu_aug.sample_params(8, 160, 200, (0.08, 1.0), 0.5, 0.5, torch.Generator().manual_seed(0))
-    cuda = {k: v.cuda() if torch.is_tensor(v) else v for k, v in p.items()}
-    torch.backends.cuda.matmul.allow_tf32 = False
-    assert (gpu_aug.apply_params(img.cuda(), cuda, 96).cpu() - gpu_aug.apply_params(img, p, 96)
-            ).abs().max() < 1e-3
-    img, g = img.cuda(), torch.Generator("cuda").manual_seed(0)
-    gpu_aug.multi_view(img, intl.MULTI_CROP, g)                   # warm up (cuBLAS, kernels)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in p.items()}
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     try:
-        views = gpu_aug.multi_view(img, intl.MULTI_CROP, g)
+        ours = gpu_aug.apply_params(img.to(device), on_device, 96).cpu()
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert (ours - gpu_aug.apply_params(img, p, 96)).abs().max() < 1e-3
+    img, g = img.to(device), torch.Generator(device).manual_seed(0)
+    views = gpu_aug.multi_view(img, intl.MULTI_CROP, g)        # warm up (cuBLAS, kernels)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            views = gpu_aug.multi_view(img, intl.MULTI_CROP, g)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     assert [v.shape[-1] for v in views] == [224, 224, 192, 160, 128, 96]
+    assert all(v.device.type == device for v in views)
