@@ -191,7 +191,7 @@ def projector(in_dim, widths):
 
 class Encoder(nn.Module):
     """Backbone + projector over a list of views, in ONE forward so that DDP reduces once.
-    Each view is its own BN batch, as in the authors' code."""
+    Each view is its own BN batch (multi-crop views differ in size anyway)."""
 
     def __init__(self, backbone, projector):
         super().__init__()
