@@ -130,7 +130,7 @@ def intl_loss(online, target, views, beta, iters=4, whiten="channel"):
         tls = [trace_loss(y, whiten) for y in ys]
     n = torch.stack([nmse(y, y0) for y in ys]).mean()
     tl = torch.stack(tls).mean()
-    return n + beta * tl, n.detach(), tl.detach(), (zs[0].detach(), ys[0].detach())
+    return n + beta * tl, n.detach(), tl.detach(), (zs[-1].detach(), ys[-1].detach())
 
 
 def momentum_at(step, total_steps, m0):
@@ -563,8 +563,8 @@ def quick_start_knn(backbone, args, n_bank=10000, n_test=2000):
 
 # ----------------------------------------------------------------------------- main
 QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024",
-               "--batch-size", "256", "--lr", "0.5", "--wd", "1e-4", "--epochs", "1",
-               "--warmup-epochs", "0", "--subset", "30000", "--workers", "1",
+               "--batch-size", "256", "--lr", "0.05", "--wd", "1e-4", "--epochs", "1",
+               "--warmup-epochs", "0", "--subset", "40000", "--workers", "1",
                "--print-freq", "10", "--output-dir", "runs/quick-start"]
 
 

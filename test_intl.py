@@ -137,8 +137,9 @@ def test_intl_objectives_equal_the_spec(whiten):
     tl = [reference_trace_loss(y, whiten) for y in ys]
     beta = 0.03
     want = sum(reference_nmse(ys[i], ys[0]) + beta * (tl[i] + tl[0]) for i in (1, 2)) / 2
-    got = intl.intl_loss(identity_encoder, None, zs, beta, 4, whiten)[0]
+    got, _, _, (z, y) = intl.intl_loss(identity_encoder, None, zs, beta, 4, whiten)
     assert torch.allclose(got, want, rtol=1e-10)
+    assert torch.equal(y, intl.iter_norm(z, 4, whiten))   # the spectrum pair: one view
     want_m = sum(reference_nmse(ys[i], ys[0]) + beta * tl[i] for i in (1, 2)) / 2
     got_m = intl.intl_loss(identity_encoder, identity_encoder, zs, beta, 4, whiten)[0]
     assert torch.allclose(got_m, want_m, rtol=1e-10)
