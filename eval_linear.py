@@ -10,7 +10,6 @@ linear probe, semi-supervised fine-tuning on the SimCLR 1 % / 10 % subsets, and 
 Modelled on Barlow Twins' evaluate.py and DINO's eval_linear.py / eval_knn.py.
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -23,7 +22,7 @@ from torchvision import transforms as T
 
 from intl import (MEAN, STD, GreyImages, eval_transform, fail, features, gather, image_folder,
                   knn_predict, load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
-                  setup_distributed)
+                  setup_distributed, write_log)
 
 
 # ----------------------------------------------------------------------------- §9 checkpoints
@@ -153,12 +152,6 @@ def bf16(device):
     """bf16 autocast on GPUs that have it; fp32 elsewhere."""
     on = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
-
-
-def write_log(args, rank, rec):
-    if rank == 0:
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
 
 
 # ----------------------------------------------------------------------------- §8 k-NN

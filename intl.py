@@ -509,6 +509,7 @@ def train(args):
 
 
 def write_log(args, rank, rec):
+    """One JSON object per line in OUTPUT_DIR/log.jsonl, from rank 0."""
     if rank == 0:
         with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
