@@ -362,9 +362,7 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    rank, world, device = setup_distributed(args.batch_size)
     log = print if rank == 0 else (lambda *a, **k: None)
     loaded = backbone_state(args.pretrained, args.momentum_encoder) if args.pretrained else None
     if loaded and loaded[0]["conv1.weight"].shape[-1] == 3:   # the 3×3 stem of 32-px pretraining

@@ -326,9 +326,13 @@ def param_groups(model, wd):
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); plain python runs one process."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+def setup_distributed(batch_size):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); plain python runs one process.
+    The global batch must split evenly: checked before any process group is joined."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if batch_size % world:
+        fail(f"--batch-size {batch_size} is not divisible by the world size {world}")
+    if world == 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, device
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -406,10 +410,7 @@ def resume_from(path, online, target, optimizer, scaler, args, rank):
 
 
 def train(args):
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.batch_size)
     small = args.small_images or args.data == "fashion-mnist"
     recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
     if args.amp == "auto":
@@ -491,11 +492,10 @@ def train(args):
             f"{spec['iternorm']['erank']:.1f} of {k if args.whiten == 'batch' else args.batch_size}",
             flush=True)
         write_log(args, rank, spec)
-        rngs = [None] * world
+        rngs = [rng_state()]            # every rank's, so that each resumes its own stream
         if world > 1:
+            rngs = [None] * world
             dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
         if rank == 0:
             save_atomic({"model": online.state_dict(),
                          "target": target.state_dict() if target is not None else None,
