@@ -233,10 +233,10 @@ def augment(images, size, scale, p_blur, p_sol, generator=None, heights=None, wi
     return apply_params(images, p, size)
 
 
-def multi_view(images, recipe, generator=None):
+def multi_view(images, recipe, generator=None, heights=None, widths=None):
     """A batch (tensor, or list of differently sized images) -> one batch of views per crop of
-    `recipe`, a list of intl.py's (size, scale, p_blur, p_sol)."""
-    heights = widths = None
+    `recipe`, a list of intl.py's (size, scale, p_blur, p_sol); heights, widths: the true
+    sizes of zero-padded images."""
     if isinstance(images, (list, tuple)):
         images, heights, widths = pad_batch(images)
     return [augment(images, *crop, generator, heights, widths) for crop in recipe]

@@ -29,6 +29,8 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
+import gpu_aug
+
 
 def fail(msg):
     """Bad input: one line on stderr and a non-zero exit, never a traceback."""
@@ -241,6 +243,28 @@ def eval_transform(small_images):
     return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
+# --gpu-aug: data workers only decode; gpu_aug.py draws the same crops batched on the GPU.
+MAX_SIDE = 512   # as FFCV's ImageNet files: bounds the padded batch and the resize matrices
+
+
+def load_capped(path, max_side=MAX_SIDE):
+    """Decode only: JPEG DCT-domain reduction (draft), then at most max_side px a side.
+    Crop boxes are relative, so their distribution is unchanged; only crops of larger
+    images come from fewer pixels than the PIL path sees."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.draft("RGB", (max_side, max_side))
+        img = img.convert("RGB")
+    img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return img
+
+
+def pad_collate(batch):
+    """((uint8 images zero-padded into one tensor, heights, widths), labels), in the worker."""
+    images, labels = zip(*batch)
+    return gpu_aug.pad_batch(images), torch.tensor(labels)
+
+
 # ----------------------------------------------------------------------------- data
 FMNIST_DIRS = ["/usr/share/datasets/fashion-mnist", "./data", "./data/FashionMNIST/raw"]
 
@@ -284,22 +308,38 @@ class GreyImages(torch.utils.data.Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def image_folder(root, transform):
+def image_folder(root, transform, loader=torchvision.datasets.folder.default_loader):
     """torchvision ImageFolder with one-line errors for a missing or empty folder."""
     if not os.path.isdir(root):
         fail(f"{root} not found: --data DIR must hold DIR/train/<class>/<image> (ImageNet layout)")
     try:
-        return torchvision.datasets.ImageFolder(root, transform)
+        return torchvision.datasets.ImageFolder(root, transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"no images in {root}: {str(e).splitlines()[0]}")
 
 
-def train_dataset(args, transform):
+def train_dataset(args, recipe):
+    """Images -> augmented views, or with --gpu-aug decoded uint8 images (capped in size)."""
+    transform = T.PILToTensor() if args.gpu_aug else views_transform(recipe)
     if args.data == "fashion-mnist":
         ds = GreyImages(*load_fashion_mnist(train=True), transform)
     else:
-        ds = image_folder(os.path.join(args.data, "train"), transform)
+        loader = load_capped if args.gpu_aug else torchvision.datasets.folder.default_loader
+        ds = image_folder(os.path.join(args.data, "train"), transform, loader)
     return random_subset(ds, args.subset)
+
+
+def train_loader(args, recipe, rank, world, device):
+    """Each rank reads its share of a global batch; the sampler reshuffles every epoch."""
+    dataset = train_dataset(args, recipe)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
+    per_rank = args.batch_size // world
+    if len(sampler) < per_rank:
+        fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
+        collate_fn=pad_collate if args.gpu_aug else None, pin_memory=device.type == "cuda",
+        drop_last=True, persistent_workers=args.workers > 0)
 
 
 def random_subset(ds, n):
@@ -345,18 +385,21 @@ def setup_distributed(batch_size):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def rng_state():
+def rng_state(aug=None):
+    """Every random stream a rank draws from, the --gpu-aug generator included."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate(),
+            "python": random.getstate(), "aug": aug.get_state() if aug is not None else None,
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s, aug=None):
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+    if aug is not None and s.get("aug") is not None:
+        aug.set_state(s["aug"])
 
 
 def save_atomic(obj, path):
@@ -373,9 +416,9 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def build_encoders(args, device, world):
-    """The online encoder (and its DDP wrapper) and, for INTL-M, the momentum target.
-    Seeded alike on every rank, so all ranks start from the same weights."""
+def build_training(args, device, world):
+    """The online encoder (DDP-wrapped, compiled if asked), the INTL-M momentum target, SGD
+    and the fp16 loss scaler. Seeded alike on every rank: all ranks start from the same weights."""
     torch.manual_seed(args.seed)
     backbone, dim = resnet_backbone(args.arch, args.small_images)
     online = Encoder(backbone, projector(dim, args.projector)).to(device)
@@ -388,10 +431,15 @@ def build_encoders(args, device, world):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             online, device_ids=[device.index] if device.type == "cuda" else None)
-    return online, target, model
+    if args.compile:     # one graph for all views: the crop shapes never change
+        model = torch.compile(model, mode=args.compile)
+    optimizer = torch.optim.SGD(param_groups(online, args.wd), lr=0, momentum=0.9,
+                                fused=device.type == "cuda")    # one kernel for all parameters
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    return online, target, model, optimizer, scaler
 
 
-def resume_from(path, online, target, optimizer, scaler, args, rank):
+def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
     """Restore everything a checkpoint holds; returns (epoch, global step)."""
     if not os.path.exists(path):
         fail(f"--resume {path}: no such file")
@@ -402,74 +450,84 @@ def resume_from(path, online, target, optimizer, scaler, args, rank):
             target.load_state_dict(ckpt["target"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])], aug)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         fail(f"checkpoint {path} does not match this run ({args.arch}, {args.method}, "
              f"--projector {args.projector}): {str(e).splitlines()[0]}")
     return ckpt["epoch"], ckpt["step"]
 
 
-def train(args):
+def train_step(model, online, target, optimizer, scaler, views, m, beta, args):
+    """One step of §7, with no host synchronisation: EMA target, INTL loss, backward, SGD."""
+    if target is not None:
+        update_momentum(target, online, m)
+    with torch.autocast(views[0].device.type, enabled=args.amp != "off",
+                        dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16):
+        loss, n, tl, last = intl_loss(model, target, views, beta, args.iters, args.whiten)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, n, tl, last
+
+
+def setup(args):
+    """Processes, device, the crop recipe and β, shared by training and the benchmarks."""
     rank, world, device = setup_distributed(args.batch_size)
     small = args.small_images or args.data == "fashion-mnist"
     recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    log = print if rank == 0 else (lambda *a, **k: None)
-
-    online, target, model = build_encoders(args, device, world)
-    seed = args.seed + rank      # augmentation differs across ranks
-    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
-    dataset = train_dataset(args, views_transform(recipe))
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
-    per_rank = args.batch_size // world
-    if len(sampler) < per_rank:
-        fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0)
-
-    optimizer = torch.optim.SGD(param_groups(online, args.wd), lr=0, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    lr = args.lr * args.batch_size / 256
-    total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
     k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
     beta = args.beta if args.beta is not None else trace_loss_weight(k)
+    return rank, world, device, recipe, k, beta
+
+
+def to_views(batch, recipe, aug, device):
+    """A loader batch -> the views on `device` (augmented there with --gpu-aug)."""
+    if aug is not None:
+        images, heights, widths = (t.to(device, non_blocking=True) for t in batch)
+        batch = gpu_aug.multi_view(images, recipe, aug, heights, widths)
+    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return [v.to(device, non_blocking=True, memory_format=mem) for v in batch]
+
+
+def train(args):
+    rank, world, device, recipe, k, beta = setup(args)
+    log = print if rank == 0 else (lambda *a, **kw: None)
+    online, target, model, optimizer, scaler = build_training(args, device, world)
+    seed = args.seed + rank      # augmentation differs across ranks
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    aug = torch.Generator(device).manual_seed(seed) if args.gpu_aug else None
+    loader = train_loader(args, recipe, rank, world, device)
+    lr = args.lr * args.batch_size / 256
+    total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
 
     start_epoch, step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
     if resume:
-        start_epoch, step = resume_from(resume, online, target, optimizer, scaler, args, rank)
+        start_epoch, step = resume_from(resume, online, target, optimizer, scaler, aug, args, rank)
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
 
-    autocast = torch.autocast(device.type, dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16,
-                              enabled=args.amp != "off")
-    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views, {world} process(es) on {device.type}, "
-        f"global batch {args.batch_size}, beta {beta:.4f}, {len(dataset)} images, "
-        f"{len(loader)} steps/epoch, amp {args.amp}")
+    log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views{' (GPU augmentation)' if aug else ''}, "
+        f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
+        f"{len(loader.dataset)} images, {len(loader)} steps/epoch, amp {args.amp}")
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         model.train()
         if target is not None:
             target.train()
         t_last, t_data, wait, seen = time.time(), time.time(), 0.0, 0
-        for i, (views, _) in enumerate(loader):
-            views = [v.to(device, non_blocking=True, memory_format=mem) for v in views]
+        for i, (batch, _) in enumerate(loader):
+            views = to_views(batch, recipe, aug, device)
             wait += time.time() - t_data
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(step, total_steps, warmup_steps, lr)
-            if target is not None:
-                update_momentum(target, online, momentum_at(step, total_steps, args.momentum))
-            with autocast:
-                loss, n, tl, last = intl_loss(model, target, views, beta, args.iters, args.whiten)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, n, tl, last = train_step(model, online, target, optimizer, scaler, views,
+                                           momentum_at(step, total_steps, args.momentum), beta, args)
             step += 1
             seen += args.batch_size
             if step % args.print_freq == 0 or i == len(loader) - 1:   # .item() syncs: only here
@@ -489,13 +547,12 @@ def train(args):
                 "iternorm": spectrum(y, args.whiten)}
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {spec['projector']['cond']:.3g}/"
             f"{spec['projector']['erank']:.1f}, IterNorm output {spec['iternorm']['cond']:.3g}/"
-            f"{spec['iternorm']['erank']:.1f} of {k if args.whiten == 'batch' else args.batch_size}",
-            flush=True)
+            f"{spec['iternorm']['erank']:.1f} of {k}", flush=True)
         write_log(args, rank, spec)
-        rngs = [rng_state()]            # every rank's, so that each resumes its own stream
+        rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
         if world > 1:
             rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng_state(aug))
         if rank == 0:
             save_atomic({"model": online.state_dict(),
                          "target": target.state_dict() if target is not None else None,
@@ -594,6 +651,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up epochs")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="auto: bf16 on GPUs that support it, else off")
+    p.add_argument("--gpu-aug", action="store_true",
+                   help="workers only decode; the crops are drawn batched on the device (gpu_aug.py)")
+    p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the encoder in this mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--benchmark", choices=["step", "aug"],
+                   help="time training steps (synthetic crops; real ones with --data DIR) or the augmentation")
+    p.add_argument("--bench-steps", type=int, default=20, help="timed steps (images for aug) per repeat")
     p.add_argument("--workers", type=int, default=8, help="data workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights (augmentation: seed + rank)")
     p.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
@@ -602,9 +666,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
-    if not args.data:
+    if not args.data and not args.benchmark:
         fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
-    for name in ["epochs", "batch_size", "iters", "print_freq"]:
+    for name in ["epochs", "batch_size", "iters", "print_freq", "bench_steps"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be positive")
     return args
@@ -615,6 +679,9 @@ def main():
     if quick:
         print("quick start: python intl.py " + " ".join(QUICK_START), flush=True)
     args = parse_args(QUICK_START if quick else None)
+    if args.benchmark:
+        import benchmark    # speed figures, apart from the method
+        return benchmark.main(args)
     backbone, rank = train(args)
     if quick and rank == 0:
         quick_start_knn(backbone, args)

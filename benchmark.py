@@ -1,0 +1,228 @@
+"""Speed figures for intl.py:  python intl.py --benchmark step|aug [intl.py's flags]
+
+step  training steps as intl.py runs them (bf16, channels_last, fused SGD, --compile) on
+      synthetic crops already on the device, or with --data DIR through the real pipeline
+      (PIL workers, or --gpu-aug). Under torchrun it times the DDP step.
+aug   the crop recipe on ONE CPU core: the PIL path and the CPU side of --gpu-aug (decode
+      and pad only), in images per second per core; gpu_aug on the device; and a grid of
+      both paths side by side, OUTPUT_DIR/aug_grid.png.
+
+Figures are medians of 5 repeats; the last line printed is one JSON object.
+"""
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision.datasets.folder import default_loader
+from torchvision.transforms.functional import pil_to_tensor
+
+import gpu_aug
+import intl
+
+REPEATS = 5
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, repeats=REPEATS):
+    """Median wall time of fn() over repeats, the device drained before and after each."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- step
+def head_ms(args, online, target, per_rank, n_views, beta, device):
+    """gather + IterNorm + trace loss + nmse, forward and backward, on embeddings shaped and
+    typed like the step's: the INTL head alone."""
+    dim = int(args.projector.split("-")[-1])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
+    zs = [torch.randn(per_rank, dim, device=device, dtype=dtype, requires_grad=True)
+          for _ in range(n_views)]
+    identity = (lambda views: views) if target is not None else None
+
+    def run():
+        loss = intl.intl_loss(lambda views: views, identity, zs, beta, args.iters, args.whiten)[0]
+        loss.backward()
+    run()
+    return 1000 * median_time(run, device)
+
+
+def bench_step(args):
+    rank, world, device, recipe, k, beta = intl.setup(args)
+    online, target, model, optimizer, scaler = intl.build_training(args, device, world)
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-4       # a small constant lr: the weights stay sane however long it runs
+    per_rank = args.batch_size // world
+    if args.data:
+        aug = torch.Generator(device).manual_seed(args.seed + rank) if args.gpu_aug else None
+        loader = intl.train_loader(args, recipe, rank, world, device)
+        batches = iter(())
+
+        def next_views():
+            nonlocal batches
+            try:
+                batch = next(batches)[0]
+            except StopIteration:
+                batches = iter(loader)
+                batch = next(batches)[0]
+            return intl.to_views(batch, recipe, aug, device)
+    else:
+        gen = torch.Generator(device).manual_seed(0)
+        fixed = intl.to_views([torch.randn(per_rank, 3, s, s, device=device, generator=gen)
+                               for s, *_ in recipe], recipe, None, device)
+        next_views = lambda: fixed   # noqa: E731
+
+    waits = []
+
+    def steps():
+        wait = 0.0
+        for _ in range(args.bench_steps):
+            t = time.perf_counter()
+            views = next_views()
+            wait += time.perf_counter() - t
+            intl.train_step(model, online, target, optimizer, scaler, views, args.momentum, beta, args)
+        waits.append(wait)
+
+    model.train()
+    t = time.perf_counter()
+    steps()                  # warm-up: cuDNN autotuning, torch.compile, CUDA graph capture
+    sync(device)
+    warmup_s = time.perf_counter() - t
+    if rank == 0:
+        print(f"warm-up ({args.bench_steps} steps{', compiling' if args.compile else ''}): "
+              f"{warmup_s:.1f} s", flush=True)
+    waits.clear()
+    step_s = median_time(steps, device) / args.bench_steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    head = head_ms(args, online, target, per_rank, len(recipe), beta, device)
+    result = {"benchmark": "step", "device": device_name(device), "world": world,
+              "method": args.method, "arch": args.arch, "views": [s for s, *_ in recipe],
+              "per_gpu_batch": per_rank, "amp": args.amp, "compile": args.compile,
+              "data": args.data and ("gpu-aug" if args.gpu_aug else "pil"),
+              "img_per_s": round(args.batch_size / step_s, 1), "step_ms": round(1000 * step_s, 2),
+              "peak_gib": peak and round(peak, 2), "head_ms": round(head, 3),
+              "head_share": round(head / (1000 * step_s), 4),
+              "data_wait_share": round(statistics.median(waits) / (args.bench_steps * step_s), 4),
+              "warmup_s": round(warmup_s, 1)}
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"{result['img_per_s']:.0f} img/s, {result['step_ms']:.1f} ms/step, head "
+              f"{result['head_ms']:.2f} ms ({100 * result['head_share']:.1f}%), data wait "
+              f"{100 * result['data_wait_share']:.0f}%, peak {result['peak_gib']} GiB on {result['device']}")
+        print(json.dumps(result), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- aug
+def scene(seed, size=(500, 375)):
+    """A stand-in photograph of ImageNet's median size: a colour gradient, shapes, texture."""
+    rng = np.random.RandomState(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    c = rng.rand(3, 3)
+    img = np.stack([255 * (c[i, 0] * x + c[i, 1] * y + c[i, 2]) / 2 for i in range(3)], -1)
+    img = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = rng.randint(0, w), rng.randint(0, h)
+        box = [x0, y0, x0 + rng.randint(20, w // 2), y0 + rng.randint(20, h // 2)]
+        fill = tuple(int(v) for v in rng.randint(0, 256, 3))
+        (draw.ellipse if rng.rand() < 0.5 else draw.rectangle)(box, fill=fill)
+    noise = Image.fromarray(rng.randint(0, 40, (h, w, 3), dtype=np.uint8))
+    return Image.blend(img.filter(ImageFilter.SMOOTH), noise, 0.15)
+
+
+def image_files(args, n, tmp):
+    """n image files: spread over --data DIR/train, else stand-in JPEGs written to tmp."""
+    if args.data and args.data != "fashion-mnist":
+        samples = intl.image_folder(os.path.join(args.data, "train"), None).samples
+        return [samples[i][0] for i in np.linspace(0, len(samples) - 1, n).astype(int)]
+    for i in range(n):
+        scene(i).save(os.path.join(tmp, f"{i}.jpg"), quality=90)
+    return [os.path.join(tmp, f"{i}.jpg") for i in range(n)]
+
+
+def aug_grid(path, recipe, out, n=4, cell=112):
+    """One row per crop of the recipe: n PIL-path views | n gpu_aug views, denormalised."""
+    img = default_loader(path)
+    pil = [torch.stack([intl.crop_transform(*crop)(img) for _ in range(n)]) for crop in recipe]
+    ours = gpu_aug.multi_view([pil_to_tensor(img)] * n, recipe, torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(intl.MEAN).view(3, 1, 1), torch.tensor(intl.STD).view(3, 1, 1)
+    rows = []
+    for a, b in zip(pil, ours):
+        cells = [F.interpolate(v[None], size=(cell, cell), mode="bilinear", antialias=True)[0]
+                 for v in torch.cat([a, b])]
+        cells = [(c * std + mean).clamp(0, 1) for c in cells]
+        gap = torch.ones(3, cell, cell // 4)
+        rows.append(torch.cat(cells[:n] + [gap] + cells[n:], 2))
+    grid = (255 * torch.cat(rows, 1)).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(grid).save(out)
+
+
+def bench_aug(args):
+    torch.set_num_threads(1)         # images per second per CPU core
+    rank, world, device, recipe, k, beta = intl.setup(args)
+    pil_views = intl.views_transform(recipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = image_files(args, args.bench_steps, tmp)
+
+        def pil_path():              # what each PIL worker does per image
+            for f in files:
+                pil_views(default_loader(f))
+
+        def gpu_aug_cpu_side():      # what each --gpu-aug worker does: decode, pad
+            intl.pad_collate([(pil_to_tensor(intl.load_capped(f)), 0) for f in files])
+
+        pil_s, ours_s = [], []
+        for _ in range(REPEATS):     # alternated, so that both see the same machine load
+            pil_s.append(median_time(pil_path, torch.device("cpu"), 1))
+            ours_s.append(median_time(gpu_aug_cpu_side, torch.device("cpu"), 1))
+        pil_rate = len(files) / statistics.median(pil_s)
+        ours_rate = len(files) / statistics.median(ours_s)
+
+        images = [pil_to_tensor(intl.load_capped(f)) for f in files]
+        per_rank = args.batch_size // world
+        batch, heights, widths = gpu_aug.pad_batch([images[i % len(images)] for i in range(per_rank)])
+        batch, heights, widths = batch.to(device), heights.to(device), widths.to(device)
+        gen = torch.Generator(device).manual_seed(0)
+        run = lambda: gpu_aug.multi_view(batch, recipe, gen, heights, widths)   # noqa: E731
+        run()
+        device_rate = per_rank / median_time(run, device)
+        os.makedirs(args.output_dir, exist_ok=True)
+        grid = os.path.join(args.output_dir, "aug_grid.png")
+        aug_grid(files[0], recipe, grid)
+    result = {"benchmark": "aug", "views": [s for s, *_ in recipe], "images": len(files),
+              "pil_img_per_s_per_core": round(pil_rate, 1),
+              "gpu_aug_cpu_img_per_s_per_core": round(ours_rate, 1),
+              "cpu_cost_ratio": round(ours_rate / pil_rate, 2),
+              "gpu_aug_device": device_name(device), "gpu_aug_img_per_s": round(device_rate, 1),
+              "grid": grid}
+    print(f"one CPU core: PIL path {pil_rate:.1f} img/s, --gpu-aug decode + pad {ours_rate:.1f} img/s "
+          f"({ours_rate / pil_rate:.1f}x less CPU per image); gpu_aug on {result['gpu_aug_device']}: "
+          f"{device_rate:.0f} img/s; grid in {grid}")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(args):
+    return bench_step(args) if args.benchmark == "step" else bench_aug(args)
