@@ -24,6 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+import benchmark
 import eval_linear
 import gpu_aug
 import intl
@@ -945,3 +946,129 @@ def test_each_device_gives_the_same_views_and_never_waits_for_the_host(device):
             torch.cuda.set_sync_debug_mode(0)
     assert [v.shape[-1] for v in views] == [224, 224, 192, 160, 128, 96]
     assert all(v.device.type == device for v in views)
+
+
+# ============================================================================= speed: --gpu-aug, the step, benchmarks
+def test_load_capped_shrinks_only_large_images(tmp_path):
+    benchmark.scene(0, (1600, 1200)).save(tmp_path / "big.jpg", quality=90)
+    small = benchmark.scene(1, (300, 200))
+    small.save(tmp_path / "small.png")
+    big = intl.load_capped(str(tmp_path / "big.jpg"))
+    assert big.size == (512, 384) and big.mode == "RGB"
+    full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((512, 384), Image.Resampling.BICUBIC)
+    assert np.abs(np.asarray(big, float) - np.asarray(full, float)).mean() < 2   # draft: ~1 level
+    assert np.array_equal(np.asarray(intl.load_capped(str(tmp_path / "small.png"))), np.asarray(small))
+
+
+def varied_folder(root, n_per_class=6):
+    """JPEG and PNG images of different sizes and shapes, two classes."""
+    rng = np.random.RandomState(0)
+    for c in range(2):
+        os.makedirs(os.path.join(root, "train", f"class{c}"))
+        for i in range(n_per_class):
+            h, w = rng.randint(24, 90, 2)
+            Image.fromarray(synthetic_images(1, h, w, seed=10 * c + i)[0].permute(1, 2, 0).numpy()).save(
+                os.path.join(root, "train", f"class{c}", f"img{i}.{'png' if i % 2 else 'jpg'}"))
+    return root
+
+
+def test_gpu_aug_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    """--gpu-aug trains on images of mixed sizes, and its generator is part of the checkpoint."""
+    data = varied_folder(str(tmp_path / "data"))
+    args = ["--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "2",
+            "--method", "intl-m", "--gpu-aug"]
+    p = run_intl(*args, "--output-dir", tmp_path / "straight")
+    assert "GPU augmentation" in p.stdout
+    run_intl(*args, "--output-dir", tmp_path / "split", "--stop-epoch", "1")
+    run_intl(*args, "--output-dir", tmp_path / "split")
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
+    assert a["step"] == b["step"] == 6 and a["rng"][0]["aug"] is not None
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    # another generator state gives other crops, hence other weights
+    c = dict(a["rng"][0], aug=torch.Generator().manual_seed(123).get_state())
+    torch.save(dict(a, epoch=1, step=3, rng=[c]), tmp_path / "other.pth")
+    run_intl(*args, "--output-dir", tmp_path / "other", "--resume", tmp_path / "other.pth")
+    d = torch.load(tmp_path / "other" / "checkpoint.pth", weights_only=False)
+    assert not torch.equal(a["model"]["projector.0.weight"], d["model"]["projector.0.weight"])
+
+
+def tiny_bn_encoder():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return intl.Encoder(backbone, intl.projector(8, "16-12"))
+
+
+def two_steps(amp="off", compile=False, device="cpu", steps=2):
+    """Losses, the last gradients and the weights after `steps` INTL-M steps of train_step."""
+    args = argparse.Namespace(amp=amp, iters=4, whiten="channel")
+    online = tiny_bn_encoder().to(device)
+    target = copy.deepcopy(online).requires_grad_(False)
+    model = torch.compile(online) if compile else online
+    optimizer = torch.optim.SGD(intl.param_groups(online, 1e-4), lr=0.1, momentum=0.9,
+                                fused=device == "cuda")
+    scaler = torch.amp.GradScaler(device, enabled=False)
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(16, 3, 12, 12, generator=g).to(device) for _ in range(3)]
+    losses = [intl.train_step(model, online, target, optimizer, scaler, views, 0.99, 0.05, args)[0]
+              for _ in range(steps)]
+    return (torch.stack(losses).detach().cpu(), [p.grad.cpu() for p in online.parameters()],
+            [p.detach().cpu() for p in online.parameters()])
+
+
+def test_compiled_and_bf16_steps_equal_the_eager_float32_step():
+    losses, grads, weights = two_steps()
+    c_losses, c_grads, c_weights = two_steps(compile=True)      # inductor on the CPU
+    assert torch.allclose(c_losses, losses, rtol=1e-5)
+    assert max_error(c_grads, grads) < 1e-4 and max_error(c_weights, weights) < 1e-5
+    losses, grads, _ = two_steps(steps=1)
+    b_losses, b_grads, _ = two_steps(amp="bf16", steps=1)
+    assert torch.allclose(b_losses, losses, rtol=1e-2)          # bf16 keeps 8 bits of mantissa
+    cos = lambda a, b: F.cosine_similarity(a.flatten(), b.flatten(), dim=0)  # noqa: E731
+    assert cos(torch.cat([g.flatten() for g in b_grads]), torch.cat([g.flatten() for g in grads])) > 0.98
+    assert all(cos(b, g) > 0.9 for b, g in zip(b_grads, grads))   # BN on 16 samples: noisy
+
+
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
+def test_train_step_never_waits_for_the_host(device):
+    """On the GPU the step queues its kernels and returns: CUDA's sync debug mode raises on
+    any device-to-host wait (an .item(), a data-dependent shape)."""
+    two_steps(device=device)                                    # warm up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses, _, weights = two_steps(device=device)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(losses).all() and all(torch.isfinite(w).all() for w in weights)
+
+
+def last_json(p):
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("data", [None, "pil", "gpu-aug"])
+def test_benchmark_step_prints_its_figures(data, tmp_path):
+    flags = ["--benchmark", "step", *SMALL, "--small-images", "--batch-size", "4", "--bench-steps", "2",
+             "--method", "intl-m", "--output-dir", tmp_path]
+    if data:
+        flags += ["--data", varied_folder(str(tmp_path / "data"))] + ["--gpu-aug"] * (data == "gpu-aug")
+    r = last_json(run_intl(*flags))
+    assert r["data"] == data and r["views"] == [32, 32] and r["per_gpu_batch"] == 4
+    assert r["img_per_s"] > 0 and r["step_ms"] == pytest.approx(4000 / r["img_per_s"], rel=1e-2)
+    assert 0 < r["head_ms"] and 0 < r["head_share"] < 1 and 0 <= r["data_wait_share"] <= 1
+    assert data or r["data_wait_share"] < 0.01                  # synthetic crops: no wait
+
+
+def test_benchmark_aug_prints_its_figures_and_the_grid(tmp_path):
+    data = varied_folder(str(tmp_path / "data"))
+    r = last_json(run_intl("--benchmark", "aug", "--data", data, "--batch-size", "4", "--bench-steps", "2",
+                           "--output-dir", tmp_path))
+    assert r["views"] == [224, 224] and r["images"] == 2
+    assert r["pil_img_per_s_per_core"] > 0 and r["gpu_aug_cpu_img_per_s_per_core"] > 0
+    assert r["cpu_cost_ratio"] == pytest.approx(
+        r["gpu_aug_cpu_img_per_s_per_core"] / r["pil_img_per_s_per_core"], rel=2e-2)
+    assert Image.open(r["grid"]).size == (8 * 112 + 28, 2 * 112)
