@@ -8,10 +8,15 @@ aug   the crop recipe on ONE CPU core: the PIL path and the CPU side of --gpu-au
       both paths side by side, OUTPUT_DIR/aug_grid.png.
 
 Figures are medians of 5 repeats; the last line printed is one JSON object.
+
+python benchmark.py [SECONDS [FLAGS]] runs the GPU check: both benchmarks over the standard
+settings, each in its own process, within SECONDS (default 330), FLAGS added to each; one table.
 """
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -226,3 +231,57 @@ def bench_aug(args):
 
 def main(args):
     return bench_step(args) if args.benchmark == "step" else bench_aug(args)
+
+
+# ----------------------------------------------------------------------------- the GPU check
+CHECK = [   # (work, mode, intl.py flags), most important first: what does not fit the time is skipped
+    ("INTL-M multi-crop, 256/GPU", "eager", "--method intl-m --multi-crop --batch-size 256"),
+    ("INTL-M multi-crop, 32/GPU", "eager", "--method intl-m --multi-crop --batch-size 32"),
+    ("INTL 2 views, 256/GPU", "eager", "--batch-size 256"),
+    ("INTL 2 views, 32/GPU", "eager", "--batch-size 32"),
+    ("augmentation, multi-crop", "aug", "--benchmark aug --multi-crop --batch-size 256 --bench-steps 32"),
+    ("INTL 2 views, 256/GPU", "compile", "--batch-size 256 --compile"),
+    ("INTL 2 views, 32/GPU", "CUDA graphs", "--batch-size 32 --compile reduce-overhead"),
+    ("INTL-M multi-crop, 256/GPU", "compile", "--method intl-m --multi-crop --batch-size 256 --compile"),
+    ("INTL-M multi-crop, 32/GPU", "CUDA graphs", "--method intl-m --multi-crop --batch-size 32 --compile reduce-overhead"),
+]
+
+
+def check(budget_s, extra):
+    """Each row of CHECK in its own process (clean memory peaks and compile caches), one table."""
+    start, rows = time.time(), []
+    for work, mode, flags in CHECK:
+        left = budget_s - (time.time() - start)
+        if left < (150 if mode in ("compile", "CUDA graphs") else 30):   # compiling takes minutes
+            rows.append((work, mode, None, "skipped: out of time"))
+            continue
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "intl.py"),
+               *(["--benchmark", "step"] if mode != "aug" else []), *flags.split(),
+               "--output-dir", "runs/benchmark", *extra]
+        print("$ python", " ".join(cmd[1:]), flush=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            r = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+            rows.append((work, mode, r, None if r else (p.stderr.strip().splitlines() or ["failed"])[-1][:150]))
+        except subprocess.TimeoutExpired:
+            rows.append((work, mode, None, "stopped: out of time"))
+        print(rows[-1][2] or rows[-1][3], flush=True)
+    print("\n| work | mode | img/s | step ms | peak GiB | head ms (share) | warm-up s |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
+    for work, mode, r, why in rows:
+        if r is None:
+            print(f"| {work} | {mode} | {why} | | | | |")
+        elif mode == "aug":
+            print(f"| {work} | gpu_aug on {r['gpu_aug_device']} | {r['gpu_aug_img_per_s']:.0f} | | | | |")
+            print(f"| {work} | one CPU core | PIL path {r['pil_img_per_s_per_core']}, --gpu-aug "
+                  f"{r['gpu_aug_cpu_img_per_s_per_core']} ({r['cpu_cost_ratio']}x) | | | | |")
+        else:
+            print(f"| {work} | {mode} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_gib']} | "
+                  f"{r['head_ms']:.2f} ({100 * r['head_share']:.1f}%) | {r['warmup_s']} |")
+    device = next((r["device"] for _, mode, r, _ in rows if r and mode != "aug"), "no step ran")
+    print(f"\n{device}, {time.time() - start:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    check(float(sys.argv[1]) if len(sys.argv) > 1 else 330.0, sys.argv[2:])

@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from intl import (MEAN, STD, GreyImages, eval_transform, fail, features, gather, image_folder,
-                  knn_predict, load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
-                  setup_distributed, write_log)
+from intl import (MEAN, STD, GreyImages, eval_transform, fail, gather, image_folder, load_checkpoint,
+                  load_fashion_mnist, random_subset, resnet_backbone, save_atomic, setup_distributed,
+                  write_log)
 
 
 # ----------------------------------------------------------------------------- §9 checkpoints
@@ -155,6 +155,53 @@ def bf16(device):
 
 
 # ----------------------------------------------------------------------------- §8 k-NN
+@torch.no_grad()
+def features(backbone, dataset, device, batch_size=512, workers=0):
+    """L2-normalised features of a frozen backbone (eval mode), and the labels."""
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(F.normalize(backbone(x.to(device)).float(), dim=1))
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
+    """k-NN on L2-normalised features by cosine similarity, queries in chunks: majority
+    vote (temperature None; ties to the smallest class) or DINO's exp(cos/T) weights."""
+    bank_labels = bank_labels.long()
+    classes = int(bank_labels.max()) + 1
+    preds = []
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        w = torch.ones_like(sim) if temperature is None else (sim / temperature).exp()
+        votes = torch.zeros(len(q), classes, device=q.device, dtype=w.dtype)
+        votes.scatter_add_(1, bank_labels[idx], w)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def quick_start_knn(backbone, args, n_bank=10000, n_test=2000):
+    """intl.py's quick-start check: 5-NN top-1 on Fashion-MNIST test images, the trained
+    backbone vs a random one."""
+    device = next(backbone.parameters()).device
+    tf = eval_transform(small_images=True)
+    images, labels = load_fashion_mnist(train=True)
+    bank = GreyImages(images[:n_bank], labels[:n_bank], tf)
+    images, labels = load_fashion_mnist(train=False)
+    test = GreyImages(images[:n_test], labels[:n_test], tf)
+    torch.manual_seed(args.seed)
+    random_init = resnet_backbone(args.arch, args.small_images)[0].to(device)
+    for name, net in [("trained", backbone), ("random init", random_init)]:
+        fb, lb = features(net, bank, device)
+        fq, lq = features(net, test, device)
+        acc = (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item()
+        print(f"5-NN top-1 on {n_test} Fashion-MNIST test images (bank: {n_bank} training "
+              f"images), {name} backbone: {100 * acc:.1f}%", flush=True)
+
+
 def bank_features(backbone, dataset, rank, world, device, args):
     """L2-normalised features of the whole set on every rank: each rank encodes a shard,
     padded to equal length for the all-gather, the padding (label -1) dropped after."""

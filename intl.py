@@ -478,6 +478,7 @@ def setup(args):
     recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
     k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
     beta = args.beta if args.beta is not None else trace_loss_weight(k)
     return rank, world, device, recipe, k, beta
@@ -572,53 +573,6 @@ def write_log(args, rank, rec):
             f.write(json.dumps(rec) + "\n")
 
 
-# ----------------------------------------------------------------------------- k-NN check
-@torch.no_grad()
-def features(backbone, dataset, device, batch_size=512, workers=0):
-    """L2-normalised features of a frozen backbone (eval mode), and the labels."""
-    backbone.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    feats, labels = [], []
-    for x, y in loader:
-        feats.append(F.normalize(backbone(x.to(device)).float(), dim=1))
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
-    """k-NN on L2-normalised features by cosine similarity, queries in chunks: majority
-    vote (temperature None; ties to the smallest class) or DINO's exp(cos/T) weights."""
-    bank_labels = bank_labels.long()
-    classes = int(bank_labels.max()) + 1
-    preds = []
-    for q in queries.split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        w = torch.ones_like(sim) if temperature is None else (sim / temperature).exp()
-        votes = torch.zeros(len(q), classes, device=q.device, dtype=w.dtype)
-        votes.scatter_add_(1, bank_labels[idx], w)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
-
-
-def quick_start_knn(backbone, args, n_bank=10000, n_test=2000):
-    """5-NN top-1 on Fashion-MNIST test images: the trained backbone vs a random one."""
-    device = next(backbone.parameters()).device
-    tf = eval_transform(small_images=True)
-    images, labels = load_fashion_mnist(train=True)
-    bank = GreyImages(images[:n_bank], labels[:n_bank], tf)
-    images, labels = load_fashion_mnist(train=False)
-    test = GreyImages(images[:n_test], labels[:n_test], tf)
-    torch.manual_seed(args.seed)
-    random_init = resnet_backbone(args.arch, args.small_images)[0].to(device)
-    for name, net in [("trained", backbone), ("random init", random_init)]:
-        fb, lb = features(net, bank, device)
-        fq, lq = features(net, test, device)
-        acc = (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item()
-        print(f"5-NN top-1 on {n_test} Fashion-MNIST test images (bank: {n_bank} training "
-              f"images), {name} backbone: {100 * acc:.1f}%", flush=True)
-
-
 # ----------------------------------------------------------------------------- main
 QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024",
                "--batch-size", "256", "--lr", "0.05", "--wd", "1e-4", "--epochs", "1",
@@ -684,6 +638,7 @@ def main():
         return benchmark.main(args)
     backbone, rank = train(args)
     if quick and rank == 0:
+        from eval_linear import quick_start_knn    # evaluation lives there; it imports this file
         quick_start_knn(backbone, args)
 
 

@@ -420,8 +420,8 @@ def test_knn_majority_vote():
     bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=1)
     labels = torch.tensor([0, 0, 1, 1])
     q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
-    assert intl.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [0, 1]
-    assert intl.knn_predict(bank, labels, q, k=3, temperature=0.07).tolist() == [0, 1]
+    assert eval_linear.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [0, 1]
+    assert eval_linear.knn_predict(bank, labels, q, k=3, temperature=0.07).tolist() == [0, 1]
 
 
 # ============================================================================= eval_linear.py
@@ -1072,3 +1072,28 @@ def test_benchmark_aug_prints_its_figures_and_the_grid(tmp_path):
     assert r["cpu_cost_ratio"] == pytest.approx(
         r["gpu_aug_cpu_img_per_s_per_core"] / r["pil_img_per_s_per_core"], rel=2e-2)
     assert Image.open(r["grid"]).size == (8 * 112 + 28, 2 * 112)
+
+
+def test_gpu_check_runs_what_fits_and_prints_one_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = benchmark.check(40, ["--arch", "resnet18", "--projector", "32-32-32", "--small-images",
+                                "--bench-steps", "1", "--batch-size", "4", "--workers", "0"])
+    assert len(rows) == len(benchmark.CHECK) and rows[0][2]["img_per_s"] > 0
+    assert all(why.startswith("skipped") for *_, why in rows[-4:])     # compiling needs minutes
+    out = capsys.readouterr().out
+    assert out.count("\n| ") == len(rows) + 2 + any(r[1] == "aug" and r[2] for r in rows)
+
+
+def test_quick_start_prints_its_command_and_the_knn_check(tmp_path, capsys, monkeypatch):
+    """python intl.py with no arguments: the quick start, shrunk here to a few steps."""
+    flags = dict(zip(intl.QUICK_START[::2], intl.QUICK_START[1::2]))
+    flags.update({"--subset": "64", "--batch-size": "32", "--projector": "64-64", "--workers": "0",
+                  "--output-dir": str(tmp_path)})
+    monkeypatch.setattr(intl, "QUICK_START", [x for kv in flags.items() for x in kv])
+    monkeypatch.setattr(sys, "argv", ["intl.py"])
+    knn = eval_linear.quick_start_knn
+    monkeypatch.setattr(eval_linear, "quick_start_knn", lambda b, a: knn(b, a, n_bank=200, n_test=50))
+    intl.main()
+    out = capsys.readouterr().out
+    assert out.startswith("quick start: python intl.py --data fashion-mnist")
+    assert "ep 1/1 step 2/2" in out and out.count("5-NN top-1 on 50 Fashion-MNIST test images") == 2
