@@ -55,17 +55,18 @@ def device_name(device):
 
 
 # ----------------------------------------------------------------------------- step
-def head_ms(args, online, target, per_rank, n_views, beta, device):
+def head_ms(args, per_rank, n_views, beta, device):
     """gather + IterNorm + trace loss + nmse, forward and backward, on embeddings shaped and
     typed like the step's: the INTL head alone."""
     dim = int(args.projector.split("-")[-1])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
     zs = [torch.randn(per_rank, dim, device=device, dtype=dtype, requires_grad=True)
           for _ in range(n_views)]
-    identity = (lambda views: views) if target is not None else None
+    identity = lambda views: views                                    # noqa: E731
+    target = identity if args.method == "intl-m" else None
 
     def run():
-        loss = intl.intl_loss(lambda views: views, identity, zs, beta, args.iters, args.whiten)[0]
+        loss = intl.intl_loss(identity, target, zs, beta, args.iters, args.whiten)[0]
         loss.backward()
     run()
     return 1000 * median_time(run, device)
@@ -118,7 +119,7 @@ def bench_step(args):
     waits.clear()
     step_s = median_time(steps, device) / args.bench_steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    head = head_ms(args, online, target, per_rank, len(recipe), beta, device)
+    head = head_ms(args, per_rank, len(recipe), beta, device)
     result = {"benchmark": "step", "device": device_name(device), "world": world,
               "method": args.method, "arch": args.arch, "views": [s for s, *_ in recipe],
               "per_gpu_batch": per_rank, "amp": args.amp, "compile": args.compile,
@@ -170,6 +171,7 @@ def image_files(args, n, tmp):
 def aug_grid(path, recipe, out, n=4, cell=112):
     """One row per crop of the recipe: n PIL-path views | n gpu_aug views, denormalised."""
     img = default_loader(path)
+    torch.manual_seed(0)             # the PIL path draws from torch's global generator
     pil = [torch.stack([intl.crop_transform(*crop)(img) for _ in range(n)]) for crop in recipe]
     ours = gpu_aug.multi_view([pil_to_tensor(img)] * n, recipe, torch.Generator().manual_seed(0))
     mean, std = torch.tensor(intl.MEAN).view(3, 1, 1), torch.tensor(intl.STD).view(3, 1, 1)

@@ -7,7 +7,8 @@
 Read top to bottom beside the paper: IterNorm (§2) -> trace loss (§3) -> objective (§4)
 -> networks (§5) -> augmentation (§6) -> data -> training loop (§7) -> main. The § marks are
 this file's sections; where the paper leaves a detail open (divisors, centring, defaults),
-the code does what the authors' implementation does.
+the code does what the authors' implementation does. Speed lives beside the method:
+--gpu-aug draws the crops on the GPU (gpu_aug.py), --benchmark step|aug times it (benchmark.py).
 """
 import argparse
 import copy
