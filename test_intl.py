@@ -223,15 +223,19 @@ def test_ddp_two_processes_equal_one(method, tmp_path):
             assert (g - g_r).norm() <= 1e-5 * g.norm()
 
 
-def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
+@pytest.mark.parametrize("aug", [[], ["--gpu-aug"]])
+def test_torchrun_two_cpu_processes_train_end_to_end(aug, tmp_path):
     data = image_folder(str(tmp_path / "data"), n_per_class=4, size=32)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            os.path.join(HERE, "intl.py"), "--data", data, *SMALL, "--small-images", "--batch-size", "4",
-           "--epochs", "1", "--method", "intl-m", "--output-dir", str(tmp_path / "out")]
+           "--epochs", "1", "--method", "intl-m", "--output-dir", str(tmp_path / "out"), *aug]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stdout and p.stdout.count("step ") == 2   # rank 0 prints alone
-    assert torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)["step"] == 2
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)
+    assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
+    if aug:     # each rank draws its own crops, and resumes its own generator
+        assert not torch.equal(ckpt["rng"][0]["aug"], ckpt["rng"][1]["aug"])
 
 
 # ----------------------------------------------------------------------------- f. crops, momentum, schedules
@@ -1061,6 +1065,17 @@ def test_benchmark_step_prints_its_figures(data, tmp_path):
     assert r["img_per_s"] > 0 and r["step_ms"] == pytest.approx(4000 / r["img_per_s"], rel=1e-2)
     assert 0 < r["head_ms"] and 0 < r["head_share"] < 1 and 0 <= r["data_wait_share"] <= 1
     assert data or r["data_wait_share"] < 0.01                  # synthetic crops: no wait
+
+
+def test_torchrun_benchmark_times_the_ddp_step(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(HERE, "intl.py"), "--benchmark", "step", *SMALL, "--small-images", "--batch-size", "8",
+           "--bench-steps", "2", "--method", "intl-m", "--output-dir", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = last_json(p)
+    assert p.stdout.count('"benchmark"') == 1 and r["world"] == 2 and r["per_gpu_batch"] == 4
+    assert r["img_per_s"] == pytest.approx(8000 / r["step_ms"], rel=1e-2) and 0 < r["head_share"] < 1
 
 
 def test_benchmark_aug_prints_its_figures_and_the_grid(tmp_path):
