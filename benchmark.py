@@ -55,12 +55,17 @@ def device_name(device):
 
 
 # ----------------------------------------------------------------------------- step
-def head_ms(args, per_rank, n_views, beta, device):
+def cudagraph_skips():
+    """How often torch.compile fell back from CUDA graphs (mode reduce-overhead)."""
+    import torch._dynamo.utils
+    return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+
+
+def head_ms(args, per_rank, n_views, beta, device, runs=10):
     """gather + IterNorm + trace loss + nmse, forward and backward, on embeddings shaped and
-    typed like the step's: the INTL head alone."""
+    typed like the step's: the INTL head alone, `runs` at a time as the step queues them."""
     dim = int(args.projector.split("-")[-1])
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
-    zs = [torch.randn(per_rank, dim, device=device, dtype=dtype, requires_grad=True)
+    zs = [torch.randn(per_rank, dim, device=device, dtype=intl.AMP[args.amp], requires_grad=True)
           for _ in range(n_views)]
     identity = lambda views: views                                    # noqa: E731
     target = identity if args.method == "intl-m" else None
@@ -69,33 +74,30 @@ def head_ms(args, per_rank, n_views, beta, device):
         loss = intl.intl_loss(identity, target, zs, beta, args.iters, args.whiten)[0]
         loss.backward()
     run()
-    return 1000 * median_time(run, device)
+    return 1000 * median_time(lambda: [run() for _ in range(runs)], device) / runs
 
 
 def bench_step(args):
-    rank, world, device, recipe, k, beta = intl.setup(args)
+    rank, world, device, recipe, k, beta, aug = intl.setup(args)
     online, target, model, optimizer, scaler = intl.build_training(args, device, world)
     for g in optimizer.param_groups:
         g["lr"] = 1e-4       # a small constant lr: the weights stay sane however long it runs
     per_rank = args.batch_size // world
     if args.data:
-        aug = torch.Generator(device).manual_seed(args.seed + rank) if args.gpu_aug else None
         loader = intl.train_loader(args, recipe, rank, world, device)
         batches = iter(())
 
-        def next_views():
+        def next_batch():
             nonlocal batches
             try:
-                batch = next(batches)[0]
+                return next(batches)[0]
             except StopIteration:
                 batches = iter(loader)
-                batch = next(batches)[0]
-            return intl.to_views(batch, recipe, aug, device)
+                return next(batches)[0]
     else:
         gen = torch.Generator(device).manual_seed(0)
-        fixed = intl.to_views([torch.randn(per_rank, 3, s, s, device=device, generator=gen)
-                               for s, *_ in recipe], recipe, None, device)
-        next_views = lambda: fixed   # noqa: E731
+        fixed = [torch.randn(per_rank, 3, s, s, device=device, generator=gen) for s, *_ in recipe]
+        next_batch, aug = (lambda: fixed), None
 
     waits = []
 
@@ -103,8 +105,9 @@ def bench_step(args):
         wait = 0.0
         for _ in range(args.bench_steps):
             t = time.perf_counter()
-            views = next_views()
+            batch = next_batch()             # waiting for the loader only, as in training
             wait += time.perf_counter() - t
+            views = intl.to_views(batch, recipe, aug, device)
             intl.train_step(model, online, target, optimizer, scaler, views, args.momentum, beta, args)
         waits.append(wait)
 
@@ -117,15 +120,20 @@ def bench_step(args):
         print(f"warm-up ({args.bench_steps} steps{', compiling' if args.compile else ''}): "
               f"{warmup_s:.1f} s", flush=True)
     waits.clear()
+    if device.type == "cuda":            # the steady state, not cuDNN's search in the warm-up
+        torch.cuda.reset_peak_memory_stats(device)
     step_s = median_time(steps, device) / args.bench_steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
     head = head_ms(args, per_rank, len(recipe), beta, device)
     result = {"benchmark": "step", "device": device_name(device), "world": world,
               "method": args.method, "arch": args.arch, "views": [s for s, *_ in recipe],
               "per_gpu_batch": per_rank, "amp": args.amp, "compile": args.compile,
               "data": args.data and ("gpu-aug" if args.gpu_aug else "pil"),
               "img_per_s": round(args.batch_size / step_s, 1), "step_ms": round(1000 * step_s, 2),
-              "peak_gib": peak and round(peak, 2), "head_ms": round(head, 3),
+              "peak_gib": peak and round(peak, 2), "peak_reserved_gib": reserved and round(reserved, 2),
+              "cudagraph_skips": cudagraph_skips() if args.compile == "reduce-overhead" else None,
+              "head_ms": round(head, 3),
               "head_share": round(head / (1000 * step_s), 4),
               "data_wait_share": round(statistics.median(waits) / (args.bench_steps * step_s), 4),
               "warmup_s": round(warmup_s, 1)}
@@ -188,7 +196,7 @@ def aug_grid(path, recipe, out, n=4, cell=112):
 
 def bench_aug(args):
     torch.set_num_threads(1)         # images per second per CPU core
-    rank, world, device, recipe, k, beta = intl.setup(args)
+    rank, world, device, recipe, k, beta, aug = intl.setup(args)
     pil_views = intl.views_transform(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         files = image_files(args, args.bench_steps, tmp)
@@ -238,12 +246,12 @@ def main(args):
 # ----------------------------------------------------------------------------- the GPU check
 CHECK = [   # (work, mode, intl.py flags), most important first: what does not fit the time is skipped
     ("INTL-M multi-crop, 256/GPU", "eager", "--method intl-m --multi-crop --batch-size 256"),
-    ("INTL-M multi-crop, 32/GPU", "eager", "--method intl-m --multi-crop --batch-size 32"),
     ("INTL 2 views, 256/GPU", "eager", "--batch-size 256"),
-    ("INTL 2 views, 32/GPU", "eager", "--batch-size 32"),
-    ("augmentation, multi-crop", "aug", "--benchmark aug --multi-crop --batch-size 256 --bench-steps 32"),
     ("INTL 2 views, 256/GPU", "compile", "--batch-size 256 --compile"),
+    ("INTL-M multi-crop, 32/GPU", "eager", "--method intl-m --multi-crop --batch-size 32"),
     ("INTL 2 views, 32/GPU", "CUDA graphs", "--batch-size 32 --compile reduce-overhead"),
+    ("augmentation, multi-crop", "aug", "--benchmark aug --multi-crop --batch-size 256 --bench-steps 32"),
+    ("INTL 2 views, 32/GPU", "eager", "--batch-size 32"),
     ("INTL-M multi-crop, 256/GPU", "compile", "--method intl-m --multi-crop --batch-size 256 --compile"),
     ("INTL-M multi-crop, 32/GPU", "CUDA graphs", "--method intl-m --multi-crop --batch-size 32 --compile reduce-overhead"),
 ]
@@ -258,15 +266,17 @@ def check(budget_s, extra):
             rows.append((work, mode, None, "skipped: out of time"))
             continue
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "intl.py"),
-               *(["--benchmark", "step"] if mode != "aug" else []), *flags.split(),
+               *(["--benchmark", "step", "--bench-steps", "10"] if mode != "aug" else []), *flags.split(),
                "--output-dir", "runs/benchmark", *extra]
         print("$ python", " ".join(cmd[1:]), flush=True)
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
-            r = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
-            rows.append((work, mode, r, None if r else (p.stderr.strip().splitlines() or ["failed"])[-1][:150]))
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append((work, mode, r, None))
         except subprocess.TimeoutExpired:
             rows.append((work, mode, None, "stopped: out of time"))
+        except (ValueError, IndexError):     # failed: its last words instead of figures
+            rows.append((work, mode, None, (p.stderr.strip().splitlines() or ["failed"])[-1][:150]))
         print(rows[-1][2] or rows[-1][3], flush=True)
     print("\n| work | mode | img/s | step ms | peak GiB | head ms (share) | warm-up s |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
@@ -278,6 +288,7 @@ def check(budget_s, extra):
             print(f"| {work} | one CPU core | PIL path {r['pil_img_per_s_per_core']}, --gpu-aug "
                   f"{r['gpu_aug_cpu_img_per_s_per_core']} ({r['cpu_cost_ratio']}x) | | | | |")
         else:
+            mode += f" ({r['cudagraph_skips']} fallbacks)" if r["cudagraph_skips"] else ""
             print(f"| {work} | {mode} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_gib']} | "
                   f"{r['head_ms']:.2f} ({100 * r['head_share']:.1f}%) | {r['warmup_s']} |")
     device = next((r["device"] for _, mode, r, _ in rows if r and mode != "aug"), "no step ran")

@@ -432,7 +432,7 @@ def build_training(args, device, world):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             online, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:     # one graph for all views: the crop shapes never change
+    if args.compile:     # the crop shapes never change: compiled once (DDP splits it at its buckets)
         model = torch.compile(model, mode=args.compile)
     optimizer = torch.optim.SGD(param_groups(online, args.wd), lr=0, momentum=0.9,
                                 fused=device.type == "cuda")    # one kernel for all parameters
@@ -450,6 +450,8 @@ def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
         if target is not None:
             target.load_state_dict(ckpt["target"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for g in optimizer.param_groups:   # fused on GPUs: this run's choice, not the file's
+            g["fused"] = optimizer.defaults["fused"]
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])], aug)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
@@ -458,12 +460,15 @@ def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
     return ckpt["epoch"], ckpt["step"]
 
 
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
 def train_step(model, online, target, optimizer, scaler, views, m, beta, args):
-    """One step of §7, with no host synchronisation: EMA target, INTL loss, backward, SGD."""
+    """One step of §7: EMA target, INTL loss, backward, SGD; nothing in it waits for the GPU.
+    `model` runs the forward (`online`, or its DDP / compiled wrapper); `online` owns the weights."""
     if target is not None:
         update_momentum(target, online, m)
-    with torch.autocast(views[0].device.type, enabled=args.amp != "off",
-                        dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16):
+    with torch.autocast(views[0].device.type, dtype=AMP[args.amp], enabled=args.amp != "off"):
         loss, n, tl, last = intl_loss(model, target, views, beta, args.iters, args.whiten)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -473,7 +478,8 @@ def train_step(model, online, target, optimizer, scaler, views, m, beta, args):
 
 
 def setup(args):
-    """Processes, device, the crop recipe and β, shared by training and the benchmarks."""
+    """Processes, device, the crop recipe, β and the --gpu-aug generator (seed + rank, so that
+    crops differ across ranks), shared by training and the benchmarks."""
     rank, world, device = setup_distributed(args.batch_size)
     small = args.small_images or args.data == "fashion-mnist"
     recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
@@ -482,7 +488,8 @@ def setup(args):
     torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
     k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
     beta = args.beta if args.beta is not None else trace_loss_weight(k)
-    return rank, world, device, recipe, k, beta
+    aug = torch.Generator(device).manual_seed(args.seed + rank) if args.gpu_aug else None
+    return rank, world, device, recipe, k, beta, aug
 
 
 def to_views(batch, recipe, aug, device):
@@ -491,16 +498,15 @@ def to_views(batch, recipe, aug, device):
         images, heights, widths = (t.to(device, non_blocking=True) for t in batch)
         batch = gpu_aug.multi_view(images, recipe, aug, heights, widths)
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return [v.to(device, non_blocking=True, memory_format=mem) for v in batch]
+    return [v.to(device, non_blocking=True, memory_format=mem) for v in batch]  # copy, or layout
 
 
 def train(args):
-    rank, world, device, recipe, k, beta = setup(args)
+    rank, world, device, recipe, k, beta, aug = setup(args)
     log = print if rank == 0 else (lambda *a, **kw: None)
     online, target, model, optimizer, scaler = build_training(args, device, world)
     seed = args.seed + rank      # augmentation differs across ranks
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
-    aug = torch.Generator(device).manual_seed(seed) if args.gpu_aug else None
     loader = train_loader(args, recipe, rank, world, device)
     lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
@@ -524,8 +530,8 @@ def train(args):
             target.train()
         t_last, t_data, wait, seen = time.time(), time.time(), 0.0, 0
         for i, (batch, _) in enumerate(loader):
+            wait += time.time() - t_data          # waiting for the loader only
             views = to_views(batch, recipe, aug, device)
-            wait += time.time() - t_data
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(step, total_steps, warmup_steps, lr)
             loss, n, tl, last = train_step(model, online, target, optimizer, scaler, views,
@@ -544,7 +550,8 @@ def train(args):
                 t_last, wait, seen = time.time(), 0.0, 0
             t_data = time.time()
 
-        z, y = last   # the spectrum of the epoch's last batch, before and after IterNorm
+        z, y = last   # the epoch's last batch, before and after IterNorm (read before any later
+        #               step: CUDA graphs reuse their output memory)
         spec = {"epoch": epoch + 1, "step": step, "projector": spectrum(z, args.whiten),
                 "iternorm": spectrum(y, args.whiten)}
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {spec['projector']['cond']:.3g}/"
