@@ -206,7 +206,7 @@ def bench_aug(args):
                 pil_views(default_loader(f))
 
         def gpu_aug_cpu_side():      # what each --gpu-aug worker does: decode, pad
-            intl.pad_collate([(pil_to_tensor(intl.load_capped(f)), 0) for f in files])
+            gpu_aug.pad_collate([(pil_to_tensor(gpu_aug.load_capped(f)), 0) for f in files])
 
         pil_s, ours_s = [], []
         for _ in range(REPEATS):     # alternated, so that both see the same machine load
@@ -215,7 +215,7 @@ def bench_aug(args):
         pil_rate = len(files) / statistics.median(pil_s)
         ours_rate = len(files) / statistics.median(ours_s)
 
-        images = [pil_to_tensor(intl.load_capped(f)) for f in files]
+        images = [pil_to_tensor(gpu_aug.load_capped(f)) for f in files]
         per_rank = args.batch_size // world
         batch, heights, widths = gpu_aug.pad_batch([images[i % len(images)] for i in range(per_rank)])
         batch, heights, widths = batch.to(device), heights.to(device), widths.to(device)

@@ -9,11 +9,13 @@ generator on the images' device, no wait for the host:
     views = multi_view(uint8_images.cuda(), intl.MULTI_CROP, torch.Generator("cuda"))
 
 Images: a uint8 (or [0, 1] float) tensor [N, 3, H, W], or a list of [3, H_i, W_i] images,
-zero-padded into one tensor (each crop box stays inside its own image).
+zero-padded into one tensor (each crop box stays inside its own image). For intl.py --gpu-aug,
+data workers only decode (load_capped) and pad (pad_collate); the rest runs on the GPU.
 """
 import math
 
 import torch
+from PIL import Image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # intl.MEAN, intl.STD
 GRAY = (0.2989, 0.587, 0.114)                               # torchvision's rgb_to_grayscale
@@ -215,15 +217,6 @@ def apply_params(images, p, size):
     return normalize(where(p["flip"], x.flip(-1), x))
 
 
-def pad_batch(images):
-    """A list of [3, H_i, W_i] images -> one zero-padded [N, 3, H, W] tensor, heights, widths."""
-    sizes = torch.tensor([im.shape[-2:] for im in images])
-    out = images[0].new_zeros(len(images), 3, *sizes.amax(0).tolist())
-    for i, im in enumerate(images):                             # one copy per image, as collate
-        out[i, :, :im.shape[-2], :im.shape[-1]] = im
-    return out, sizes[:, 0], sizes[:, 1]
-
-
 def augment(images, size, scale, p_blur, p_sol, generator=None, heights=None, widths=None):
     """One crop (size, scale, p_blur, p_sol) of §6 for each image of a batch [N, 3, H, W];
     heights, widths: the true sizes of zero-padded images."""
@@ -240,3 +233,34 @@ def multi_view(images, recipe, generator=None, heights=None, widths=None):
     if isinstance(images, (list, tuple)):
         images, heights, widths = pad_batch(images)
     return [augment(images, *crop, generator, heights, widths) for crop in recipe]
+
+
+# ----------------------------------------------------------------------------- the data workers' side
+MAX_SIDE = 512   # as FFCV's ImageNet files: bounds the padded batch and the resize matrices
+
+
+def load_capped(path, max_side=MAX_SIDE):
+    """Decode only: JPEG DCT-domain reduction (draft), then at most max_side px a side.
+    Crop boxes are relative, so their distribution is unchanged; only crops of larger
+    images come from fewer pixels than the PIL path sees."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.draft("RGB", (max_side, max_side))
+        img = img.convert("RGB")
+    img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return img
+
+
+def pad_batch(images):
+    """A list of [3, H_i, W_i] images -> one zero-padded [N, 3, H, W] tensor, heights, widths."""
+    sizes = torch.tensor([im.shape[-2:] for im in images])
+    out = images[0].new_zeros(len(images), 3, *sizes.amax(0).tolist())
+    for i, im in enumerate(images):                             # one copy per image, as collate
+        out[i, :, :im.shape[-2], :im.shape[-1]] = im
+    return out, sizes[:, 0], sizes[:, 1]
+
+
+def pad_collate(batch):
+    """DataLoader collate in the workers: ((padded uint8 images, heights, widths), labels)."""
+    images, labels = zip(*batch)
+    return pad_batch(images), torch.tensor(labels)

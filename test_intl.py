@@ -248,6 +248,18 @@ def test_multi_crop_gives_six_crops_of_the_spec_sizes():
     assert scales[2:] == [(0.171, 0.857), (0.143, 0.714), (0.114, 0.571), (0.086, 0.429)]
 
 
+def test_pil_path_blur_is_torchvisions():
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (90, 120, 3), np.uint8)).resize((240, 180))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ref = np.asarray(T.GaussianBlur(23, (0.1, 2.0))(img), int)
+        after_ref = torch.rand(1)
+        torch.manual_seed(seed)
+        ours = np.asarray(intl.gaussian_blur(img), int)
+        assert torch.equal(torch.rand(1), after_ref)                   # the same draws
+        assert np.abs(ours - ref).max() <= 1 and (ours != ref).mean() < 0.01, seed  # rounding only
+
+
 def test_momentum_schedule_and_ema():
     assert intl.momentum_at(0, 1000, 0.996) == pytest.approx(0.996)
     assert intl.momentum_at(500, 1000, 0.996) == pytest.approx(0.998)
@@ -277,8 +289,8 @@ def test_weight_decay_only_on_weights():
 
 
 def test_spectrum_of_whitened_output_is_flat():
-    z = torch.randn(16, 200, dtype=torch.float64) @ torch.diag(torch.linspace(0.1, 3, 200, dtype=torch.float64))
-    y = intl.iter_norm(z, 40, "channel")
+    z = torch.randn(16, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.linspace(0.1, 3, 200, dtype=torch.float64))
+    y = intl.iter_norm(z, 12, "channel")    # converged; far more iterations drift (Newton-Schulz is unstable)
     s = intl.spectrum(y)
     assert s["cond"] == pytest.approx(1, abs=1e-6) and s["erank"] == pytest.approx(16, rel=1e-6)
     assert intl.spectrum(z[:, :10], "batch")["cond"] < 1e12
@@ -957,11 +969,11 @@ def test_load_capped_shrinks_only_large_images(tmp_path):
     benchmark.scene(0, (1600, 1200)).save(tmp_path / "big.jpg", quality=90)
     small = benchmark.scene(1, (300, 200))
     small.save(tmp_path / "small.png")
-    big = intl.load_capped(str(tmp_path / "big.jpg"))
+    big = gpu_aug.load_capped(str(tmp_path / "big.jpg"))
     assert big.size == (512, 384) and big.mode == "RGB"
     full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((512, 384), Image.Resampling.BICUBIC)
     assert np.abs(np.asarray(big, float) - np.asarray(full, float)).mean() < 2   # draft: ~1 level
-    assert np.array_equal(np.asarray(intl.load_capped(str(tmp_path / "small.png"))), np.asarray(small))
+    assert np.array_equal(np.asarray(gpu_aug.load_capped(str(tmp_path / "small.png"))), np.asarray(small))
 
 
 def varied_folder(root, n_per_class=6):
