@@ -484,7 +484,7 @@ def to_views(batch, recipe, aug, device):
         images, heights, widths = (t.to(device, non_blocking=True) for t in batch)
         batch = gpu_aug.multi_view(images, recipe, aug, heights, widths)
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return [v.to(device, non_blocking=True, memory_format=mem) for v in batch]  # copy, or layout
+    return [v.to(device, non_blocking=True, memory_format=mem) for v in batch]  # + channels_last
 
 
 def train(args):
