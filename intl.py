@@ -385,8 +385,8 @@ def set_rng_state(s, aug=None):
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-    if aug is not None and s.get("aug") is not None:
-        aug.set_state(s["aug"])
+    if aug is not None and s.get("aug") is not None and len(s["aug"]) == len(aug.get_state()):
+        aug.set_state(s["aug"])     # (moved between CPU and GPU: the new device's own stream)
 
 
 def save_atomic(obj, path):
