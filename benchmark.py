@@ -78,12 +78,13 @@ def head_ms(args, per_rank, n_views, beta, device, runs=10):
 
 
 def bench_step(args):
-    rank, world, device, recipe, k, beta, aug = intl.setup(args)
+    rank, world, device, recipe, k, beta = intl.setup(args)
     online, target, model, optimizer, scaler = intl.build_training(args, device, world)
     for g in optimizer.param_groups:
         g["lr"] = 1e-4       # a small constant lr: the weights stay sane however long it runs
     per_rank = args.batch_size // world
     if args.data:
+        aug = torch.Generator(device).manual_seed(rank) if args.gpu_aug else None
         loader = intl.train_loader(args, recipe, rank, world, device)
         batches = iter(())
 
@@ -94,7 +95,7 @@ def bench_step(args):
             except StopIteration:
                 batches = iter(loader)
                 return next(batches)[0]
-    else:
+    else:                                    # crops already augmented, on the device
         gen = torch.Generator(device).manual_seed(0)
         fixed = [torch.randn(per_rank, 3, s, s, device=device, generator=gen) for s, *_ in recipe]
         next_batch, aug = (lambda: fixed), None
@@ -130,7 +131,7 @@ def bench_step(args):
               "method": args.method, "arch": args.arch, "views": [s for s, *_ in recipe],
               "per_gpu_batch": per_rank, "amp": args.amp, "compile": args.compile,
               "data": args.data and ("gpu-aug" if args.gpu_aug else "pil"),
-              "img_per_s": round(args.batch_size / step_s, 1), "step_ms": round(1000 * step_s, 2),
+              "img_per_s": round(args.batch_size / step_s, 2), "step_ms": round(1000 * step_s, 2),
               "peak_gib": peak and round(peak, 2), "peak_reserved_gib": reserved and round(reserved, 2),
               "cudagraph_skips": cudagraph_skips() if args.compile == "reduce-overhead" else None,
               "head_ms": round(head, 3),
@@ -196,7 +197,7 @@ def aug_grid(path, recipe, out, n=4, cell=112):
 
 def bench_aug(args):
     torch.set_num_threads(1)         # images per second per CPU core
-    rank, world, device, recipe, k, beta, aug = intl.setup(args)
+    rank, world, device, recipe, k, beta = intl.setup(args)
     pil_views = intl.views_transform(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         files = image_files(args, args.bench_steps, tmp)
@@ -227,8 +228,8 @@ def bench_aug(args):
         grid = os.path.join(args.output_dir, "aug_grid.png")
         aug_grid(files[0], recipe, grid)
     result = {"benchmark": "aug", "views": [s for s, *_ in recipe], "images": len(files),
-              "pil_img_per_s_per_core": round(pil_rate, 1),
-              "gpu_aug_cpu_img_per_s_per_core": round(ours_rate, 1),
+              "pil_img_per_s_per_core": round(pil_rate, 2),
+              "gpu_aug_cpu_img_per_s_per_core": round(ours_rate, 2),
               "cpu_cost_ratio": round(ours_rate / pil_rate, 2),
               "gpu_aug_device": device_name(device), "gpu_aug_img_per_s": round(device_rate, 1),
               "grid": grid}

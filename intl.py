@@ -464,8 +464,7 @@ def train_step(model, online, target, optimizer, scaler, views, m, beta, args):
 
 
 def setup(args):
-    """Processes, device, the crop recipe, β and the --gpu-aug generator (seed + rank, so that
-    crops differ across ranks), shared by training and the benchmarks."""
+    """Processes, device, the crop recipe and β, shared by training and the benchmarks."""
     rank, world, device = setup_distributed(args.batch_size)
     small = args.small_images or args.data == "fashion-mnist"
     recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
@@ -474,8 +473,7 @@ def setup(args):
     torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
     k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
     beta = args.beta if args.beta is not None else trace_loss_weight(k)
-    aug = torch.Generator(device).manual_seed(args.seed + rank) if args.gpu_aug else None
-    return rank, world, device, recipe, k, beta, aug
+    return rank, world, device, recipe, k, beta
 
 
 def to_views(batch, recipe, aug, device):
@@ -488,11 +486,13 @@ def to_views(batch, recipe, aug, device):
 
 
 def train(args):
-    rank, world, device, recipe, k, beta, aug = setup(args)
+    rank, world, device, recipe, k, beta = setup(args)
     log = print if rank == 0 else (lambda *a, **kw: None)
     online, target, model, optimizer, scaler = build_training(args, device, world)
     seed = args.seed + rank      # augmentation differs across ranks
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
+    aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
     loader = train_loader(args, recipe, rank, world, device)
     lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)

@@ -1099,7 +1099,7 @@ def test_benchmark_step_prints_its_figures(data, tmp_path):
         flags += ["--data", varied_folder(str(tmp_path / "data"))] + ["--gpu-aug"] * (data == "gpu-aug")
     r = last_json(run_intl(*flags))
     assert r["data"] == data and r["views"] == [32, 32] and r["per_gpu_batch"] == 4
-    assert r["img_per_s"] > 0 and r["step_ms"] == pytest.approx(4000 / r["img_per_s"], rel=1e-2)
+    assert r["img_per_s"] > 0 and 4000 / r["step_ms"] == pytest.approx(r["img_per_s"], abs=0.01, rel=1e-3)
     assert 0 < r["head_ms"] and 0 < r["head_share"] < 1 and 0 <= r["data_wait_share"] <= 1
     assert data or r["data_wait_share"] < 0.01                  # synthetic crops: no wait
 
@@ -1112,7 +1112,7 @@ def test_torchrun_benchmark_times_the_ddp_step(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = last_json(p)
     assert p.stdout.count('"benchmark"') == 1 and r["world"] == 2 and r["per_gpu_batch"] == 4
-    assert r["img_per_s"] == pytest.approx(8000 / r["step_ms"], rel=1e-2) and 0 < r["head_share"] < 1
+    assert 8000 / r["step_ms"] == pytest.approx(r["img_per_s"], abs=0.01, rel=1e-3) and 0 < r["head_share"] < 1
 
 
 def test_benchmark_aug_prints_its_figures_and_the_grid(tmp_path):
@@ -1122,7 +1122,7 @@ def test_benchmark_aug_prints_its_figures_and_the_grid(tmp_path):
     assert r["views"] == [224, 224] and r["images"] == 2
     assert r["pil_img_per_s_per_core"] > 0 and r["gpu_aug_cpu_img_per_s_per_core"] > 0
     assert r["cpu_cost_ratio"] == pytest.approx(
-        r["gpu_aug_cpu_img_per_s_per_core"] / r["pil_img_per_s_per_core"], rel=2e-2)
+        r["gpu_aug_cpu_img_per_s_per_core"] / r["pil_img_per_s_per_core"], abs=0.01, rel=1e-2)
     assert Image.open(r["grid"]).size == (8 * 112 + 28, 2 * 112)
 
 
