@@ -97,7 +97,8 @@ def bench_step(args):
                 return next(batches)[0]
     else:                                    # crops already augmented, on the device
         gen = torch.Generator(device).manual_seed(0)
-        fixed = [torch.randn(per_rank, 3, s, s, device=device, generator=gen) for s, *_ in recipe]
+        fixed = intl.to_views([torch.randn(per_rank, 3, s, s, device=device, generator=gen)
+                               for s, *_ in recipe], recipe, None, device)   # then a no-op per step
         next_batch, aug = (lambda: fixed), None
 
     waits = []
