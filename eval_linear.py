@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from intl import (MEAN, STD, GreyImages, eval_transform, fail, gather, image_folder, load_checkpoint,
-                  load_fashion_mnist, random_subset, resnet_backbone, save_atomic, setup_distributed,
-                  write_log)
+from intl import (MEAN, STD, GreyImages, channels_last, eval_transform, fail, gather, image_folder,
+                  load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
+                  setup_distributed, write_log)
 
 
 # ----------------------------------------------------------------------------- §9 checkpoints
@@ -141,11 +141,6 @@ def sum_over_ranks(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t
-
-
-def channels_last(device):
-    """channels_last is faster for convolutions on GPUs, slower on CPUs."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def bf16(device):
