@@ -1,4 +1,4 @@
-"""Speed figures for intl.py:  python intl.py --benchmark step|aug [intl.py's flags]
+"""Speed figures for intl.py:  python benchmark.py step|aug|check [--bench-steps N] [intl.py's flags]
 
 step  training steps as intl.py runs them (bf16, channels_last, fused SGD, --compile) on
       synthetic crops already on the device, or with --data DIR through the real pipeline
@@ -9,9 +9,10 @@ aug   the crop recipe on ONE CPU core: the PIL path and the CPU side of --gpu-au
 
 Figures are medians of 5 repeats; the last line printed is one JSON object.
 
-python benchmark.py [SECONDS [FLAGS]] runs the GPU check: both benchmarks over the standard
-settings, each in its own process, within SECONDS (default 330), FLAGS added to each; one table.
+check the GPU check: both benchmarks over the standard settings, each in its own process,
+      within --seconds (default 330), the other flags added to each; one table.
 """
+import argparse
 import json
 import os
 import statistics
@@ -61,25 +62,29 @@ def cudagraph_skips():
     return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
 
 
-def head_ms(args, per_rank, n_views, beta, device, runs=10):
+def head_ms(args, per_rank, n_views, beta, amp, device, runs=10):
     """gather + IterNorm + trace loss + nmse, forward and backward, on embeddings shaped and
     typed like the step's: the INTL head alone, `runs` at a time as the step queues them."""
     dim = int(args.projector.split("-")[-1])
-    zs = [torch.randn(per_rank, dim, device=device, dtype=intl.AMP[args.amp], requires_grad=True)
+    zs = [torch.randn(per_rank, dim, device=device, dtype=amp, requires_grad=True)
           for _ in range(n_views)]
-    identity = lambda views: views                                    # noqa: E731
-    target = identity if args.method == "intl-m" else None
+    target = zs[0].detach() if args.method == "intl-m" else None
+    online = zs[1:] if args.method == "intl-m" else zs
 
     def run():
-        loss = intl.intl_loss(identity, target, zs, beta, args.iters, args.whiten)[0]
+        loss = intl.intl_loss([intl.gather(z) for z in online], None if target is None else intl.gather(target),
+                              beta, args.whiten, intl.whitening(args))[0]
         loss.backward()
     run()
     return 1000 * median_time(lambda: [run() for _ in range(runs)], device) / runs
 
 
 def bench_step(args):
-    rank, world, device, recipe, k, beta = intl.setup(args)
-    online, target, model, optimizer, scaler = intl.build_training(args, device, world)
+    rank, world, device = intl.setup_distributed(args.batch_size)
+    recipe, amp = intl.crop_recipe(args), intl.autocast_dtype(args.amp, device, args.data)
+    beta = intl.trace_loss_weight(intl.whitened_count(args))
+    online, model, target = intl.build_model(args, device, world)
+    optimizer, scaler = intl.build_optimizer(online, args, device)
     for g in optimizer.param_groups:
         g["lr"] = 1e-4       # a small constant lr: the weights stay sane however long it runs
     per_rank = args.batch_size // world
@@ -97,8 +102,8 @@ def bench_step(args):
                 return next(batches)[0]
     else:                                    # crops already augmented, on the device
         gen = torch.Generator(device).manual_seed(0)
-        fixed = intl.to_views([torch.randn(per_rank, 3, s, s, device=device, generator=gen)
-                               for s, *_ in recipe], recipe, None, device)   # then a no-op per step
+        fixed = intl.to_views([torch.randn(per_rank, 3, c.size, c.size, device=device, generator=gen)
+                               for c in recipe], recipe, None, device)   # then a no-op per step
         next_batch, aug = (lambda: fixed), None
 
     waits = []
@@ -110,7 +115,7 @@ def bench_step(args):
             batch = next_batch()             # waiting for the loader only, as in training
             wait += time.perf_counter() - t
             views = intl.to_views(batch, recipe, aug, device)
-            intl.train_step(model, online, target, optimizer, scaler, views, args.momentum, beta, args)
+            intl.train_step(model, online, target, optimizer, scaler, views, args.momentum, beta, amp, args)
         waits.append(wait)
 
     model.train()
@@ -127,10 +132,10 @@ def bench_step(args):
     step_s = median_time(steps, device) / args.bench_steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
-    head = head_ms(args, per_rank, len(recipe), beta, device)
+    head = head_ms(args, per_rank, len(recipe), beta, amp, device)
     result = {"benchmark": "step", "device": device_name(device), "world": world,
-              "method": args.method, "arch": args.arch, "views": [s for s, *_ in recipe],
-              "per_gpu_batch": per_rank, "amp": args.amp, "compile": args.compile,
+              "method": args.method, "arch": args.arch, "views": [c.size for c in recipe],
+              "per_gpu_batch": per_rank, "amp": str(amp).replace("torch.", ""), "compile": args.compile,
               "data": args.data and ("gpu-aug" if args.gpu_aug else "pil"),
               "img_per_s": round(args.batch_size / step_s, 2), "step_ms": round(1000 * step_s, 2),
               "peak_gib": peak and round(peak, 2), "peak_reserved_gib": reserved and round(reserved, 2),
@@ -182,7 +187,7 @@ def aug_grid(path, recipe, out, n=4, cell=112):
     """One row per crop of the recipe: n PIL-path views | n gpu_aug views, denormalised."""
     img = default_loader(path)
     torch.manual_seed(0)             # the PIL path draws from torch's global generator
-    pil = [torch.stack([intl.crop_transform(*crop)(img) for _ in range(n)]) for crop in recipe]
+    pil = [torch.stack([intl.crop_transform(crop)(img) for _ in range(n)]) for crop in recipe]
     ours = gpu_aug.multi_view([pil_to_tensor(img)] * n, recipe, torch.Generator().manual_seed(0))
     mean, std = torch.tensor(intl.MEAN).view(3, 1, 1), torch.tensor(intl.STD).view(3, 1, 1)
     rows = []
@@ -198,7 +203,8 @@ def aug_grid(path, recipe, out, n=4, cell=112):
 
 def bench_aug(args):
     torch.set_num_threads(1)         # images per second per CPU core
-    rank, world, device, recipe, k, beta = intl.setup(args)
+    rank, world, device = intl.setup_distributed(args.batch_size)
+    recipe = intl.crop_recipe(args)
     pil_views = intl.views_transform(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         files = image_files(args, args.bench_steps, tmp)
@@ -228,7 +234,7 @@ def bench_aug(args):
         os.makedirs(args.output_dir, exist_ok=True)
         grid = os.path.join(args.output_dir, "aug_grid.png")
         aug_grid(files[0], recipe, grid)
-    result = {"benchmark": "aug", "views": [s for s, *_ in recipe], "images": len(files),
+    result = {"benchmark": "aug", "views": [c.size for c in recipe], "images": len(files),
               "pil_img_per_s_per_core": round(pil_rate, 2),
               "gpu_aug_cpu_img_per_s_per_core": round(ours_rate, 2),
               "cpu_cost_ratio": round(ours_rate / pil_rate, 2),
@@ -241,10 +247,6 @@ def bench_aug(args):
     return result
 
 
-def main(args):
-    return bench_step(args) if args.benchmark == "step" else bench_aug(args)
-
-
 # ----------------------------------------------------------------------------- the GPU check
 CHECK = [   # (work, mode, intl.py flags), most important first: what does not fit the time is skipped
     ("INTL-M multi-crop, 256/GPU", "eager", "--method intl-m --multi-crop --batch-size 256"),
@@ -252,7 +254,7 @@ CHECK = [   # (work, mode, intl.py flags), most important first: what does not f
     ("INTL 2 views, 256/GPU", "compile", "--batch-size 256 --compile"),
     ("INTL-M multi-crop, 32/GPU", "eager", "--method intl-m --multi-crop --batch-size 32"),
     ("INTL 2 views, 32/GPU", "CUDA graphs", "--batch-size 32 --compile reduce-overhead"),
-    ("augmentation, multi-crop", "aug", "--benchmark aug --multi-crop --batch-size 256 --bench-steps 32"),
+    ("augmentation, multi-crop", "aug", "--multi-crop --batch-size 256 --bench-steps 32"),
     ("INTL 2 views, 32/GPU", "eager", "--batch-size 32"),
     ("INTL-M multi-crop, 256/GPU", "compile", "--method intl-m --multi-crop --batch-size 256 --compile"),
     ("INTL-M multi-crop, 32/GPU", "CUDA graphs", "--method intl-m --multi-crop --batch-size 32 --compile reduce-overhead"),
@@ -267,8 +269,8 @@ def check(budget_s, extra):
         if left < (150 if mode in ("compile", "CUDA graphs") else 30):   # compiling takes minutes
             rows.append((work, mode, None, "skipped: out of time"))
             continue
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "intl.py"),
-               *(["--benchmark", "step", "--bench-steps", "10"] if mode != "aug" else []), *flags.split(),
+        cmd = [sys.executable, os.path.abspath(__file__),
+               *(["aug"] if mode == "aug" else ["step", "--bench-steps", "10"]), *flags.split(),
                "--output-dir", "runs/benchmark", *extra]
         print("$ python", " ".join(cmd[1:]), flush=True)
         try:
@@ -298,5 +300,21 @@ def check(budget_s, extra):
     return rows
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p.add_argument("mode", choices=["step", "aug", "check"])
+    p.add_argument("--bench-steps", type=int, default=20, help="timed steps (aug: images) per repeat")
+    p.add_argument("--seconds", type=float, default=330.0, help="check: the time budget")
+    p.error = lambda msg: intl.fail(f"{msg} (usage: python benchmark.py step|aug|check [intl.py flags])")
+    own, rest = p.parse_known_args(argv)
+    if own.bench_steps < 1:
+        intl.fail("--bench-steps must be positive")
+    if own.mode == "check":
+        return check(own.seconds, rest)
+    args = intl.parse_args(rest, need_data=False)
+    args.bench_steps = own.bench_steps
+    return bench_step(args) if own.mode == "step" else bench_aug(args)
+
+
 if __name__ == "__main__":
-    check(float(sys.argv[1]) if len(sys.argv) > 1 else 330.0, sys.argv[2:])
+    main()

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from intl import (MEAN, STD, GreyImages, channels_last, eval_transform, fail, gather, image_folder,
+from intl import (MEAN, STD, ArrayImages, channels_last, eval_transform, fail, gather, image_folder,
                   load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
                   setup_distributed, write_log)
 
@@ -116,8 +116,8 @@ def datasets(args, small_images):
     if args.data == "fashion-mnist":
         if args.train_subset:
             fail("--train-subset needs --data DIR in ImageNet layout")
-        train = GreyImages(*load_fashion_mnist(train=True), train_tf)
-        val = GreyImages(*load_fashion_mnist(train=False), eval_transform(small_images))
+        train = ArrayImages(*load_fashion_mnist(train=True), train_tf)
+        val = ArrayImages(*load_fashion_mnist(train=False), eval_transform(small_images))
         classes = 10
     else:
         train = image_folder(os.path.join(args.data, "train"), train_tf)
@@ -184,9 +184,9 @@ def quick_start_knn(backbone, args, n_bank=10000, n_test=2000):
     device = next(backbone.parameters()).device
     tf = eval_transform(small_images=True)
     images, labels = load_fashion_mnist(train=True)
-    bank = GreyImages(images[:n_bank], labels[:n_bank], tf)
+    bank = ArrayImages(images[:n_bank], labels[:n_bank], tf)
     images, labels = load_fashion_mnist(train=False)
-    test = GreyImages(images[:n_test], labels[:n_test], tf)
+    test = ArrayImages(images[:n_test], labels[:n_test], tf)
     torch.manual_seed(args.seed)
     random_init = resnet_backbone(args.arch, args.small_images)[0].to(device)
     for name, net in [("trained", backbone), ("random init", random_init)]:

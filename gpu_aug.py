@@ -1,10 +1,10 @@
-"""§6 augmentation for a whole batch at once in pure torch, on the GPU (or the CPU).
+"""The augmentation recipe for a whole batch at once in pure torch, on the GPU (or the CPU).
 
 intl.py's recipe with torchvision's semantics: resized crop (bicubic, antialiased) ->
-ColorJitter(0.4, 0.4, 0.2, 0.1) in random order p 0.8 -> grayscale p 0.2 -> Gaussian blur
-(23 px, sigma ~ U(0.1, 2)) p_blur -> solarize p_sol -> flip p 0.5 -> normalise. Every random
-parameter is drawn per sample from a torch.Generator; no loop over samples, and with the
-generator on the images' device, no wait for the host:
+ColorJitter in random order -> grayscale -> Gaussian blur -> solarize -> flip p 0.5 ->
+normalise, with the strengths and probabilities of each crop read from the recipe it is given
+(intl.Crop's fields). Every random parameter is drawn per sample from a torch.Generator; no
+loop over samples, and with the generator on the images' device, no wait for the host:
 
     views = multi_view(uint8_images.cuda(), intl.MULTI_CROP, torch.Generator("cuda"))
 
@@ -17,9 +17,7 @@ import math
 import torch
 from PIL import Image
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # intl.MEAN, intl.STD
 GRAY = (0.2989, 0.587, 0.114)                               # torchvision's rgb_to_grayscale
-JITTER = (0.4, 0.4, 0.2, 0.1)                               # brightness, contrast, saturation, hue
 
 
 # ----------------------------------------------------------------------------- random parameters
@@ -57,18 +55,18 @@ def sample_crop_params(n, heights, widths, scale, ratio=(3 / 4, 4 / 3), generato
     return torch.cat([top, left, h, w], 1).long()
 
 
-def sample_params(n, heights, widths, scale, p_blur, p_sol, generator=None, device="cpu"):
+def sample_params(n, heights, widths, crop, generator=None, device="cpu"):
     """Every random parameter of one crop of the recipe, one per sample, in a dict."""
     u = lambda lo, hi, shape=(n,): uniform(shape, lo, hi, generator, device)  # noqa: E731
-    b, c, s, h = JITTER
+    b, c, s, h = crop.jitter
     return dict(
-        boxes=sample_crop_params(n, heights, widths, scale, generator=generator).to(device),
-        jitter=u(0, 1) < 0.8,                                  # RandomApply(ColorJitter, p=0.8)
+        boxes=sample_crop_params(n, heights, widths, crop.scale, generator=generator).to(device),
+        jitter=u(0, 1) < crop.p_jitter,                        # RandomApply(ColorJitter)
         factors=torch.stack([u(1 - b, 1 + b), u(1 - c, 1 + c), u(1 - s, 1 + s), u(-h, h)]),
         order=u(0, 1, (n, 4)).argsort(1),                      # uniform permutations, as randperm
-        gray=u(0, 1) < 0.2,
-        blur=u(0, 1) < p_blur, sigma=u(0.1, 2.0), any_blur=p_blur > 0,
-        solarize=u(0, 1) < p_sol,
+        gray=u(0, 1) < crop.p_gray,
+        blur=u(0, 1) < crop.p_blur, sigma=u(*crop.sigma), any_blur=crop.p_blur > 0,
+        solarize=u(0, 1) < crop.p_solarize,
         flip=u(0, 1) < 0.5)
 
 
@@ -183,9 +181,9 @@ def solarize(x):
     return torch.where(x >= 128 / 255, 1 - x, x)
 
 
-def normalize(x):
-    """(x - MEAN) / STD per channel (Python constants: no host->device copy)."""
-    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)
+def normalize(x, mean, std):
+    """(x - mean) / std per channel (Python constants: no host->device copy)."""
+    return torch.stack([(x[:, c] - mean[c]) / std[c] for c in range(3)], 1)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -206,33 +204,32 @@ def color_jitter(x, jitter, factors, order):
     return x
 
 
-def apply_params(images, p, size):
+def apply_params(images, p, crop):
     """One crop of the recipe with the parameters of sample_params -> normalised float32."""
-    x = resized_crop(images, p["boxes"], size).clamp(0, 1)     # as the PIL path's uint8 crop
+    x = resized_crop(images, p["boxes"], crop.size).clamp(0, 1)   # as the PIL path's uint8 crop
     x = color_jitter(x, p["jitter"], p["factors"], p["order"])
     x = where(p["gray"], grayscale(x).expand_as(x), x)
     if p["any_blur"]:                                           # p_blur = 0: skip its cost
         x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)
     x = where(p["solarize"], solarize(x), x)
-    return normalize(where(p["flip"], x.flip(-1), x))
+    return normalize(where(p["flip"], x.flip(-1), x), crop.mean, crop.std)
 
 
-def augment(images, size, scale, p_blur, p_sol, generator=None, heights=None, widths=None):
-    """One crop (size, scale, p_blur, p_sol) of §6 for each image of a batch [N, 3, H, W];
+def augment(images, crop, generator=None, heights=None, widths=None):
+    """One crop of the recipe (an intl.Crop) for each image of a batch [N, 3, H, W];
     heights, widths: the true sizes of zero-padded images."""
     heights = images.shape[-2] if heights is None else heights
     widths = images.shape[-1] if widths is None else widths
-    p = sample_params(len(images), heights, widths, scale, p_blur, p_sol, generator, images.device)
-    return apply_params(images, p, size)
+    p = sample_params(len(images), heights, widths, crop, generator, images.device)
+    return apply_params(images, p, crop)
 
 
 def multi_view(images, recipe, generator=None, heights=None, widths=None):
     """A batch (tensor, or list of differently sized images) -> one batch of views per crop of
-    `recipe`, a list of intl.py's (size, scale, p_blur, p_sol); heights, widths: the true
-    sizes of zero-padded images."""
+    `recipe`, a list of intl.Crop; heights, widths: the true sizes of zero-padded images."""
     if isinstance(images, (list, tuple)):
         images, heights, widths = pad_batch(images)
-    return [augment(images, *crop, generator, heights, widths) for crop in recipe]
+    return [augment(images, crop, generator, heights, widths) for crop in recipe]
 
 
 # ----------------------------------------------------------------------------- the data workers' side

@@ -4,11 +4,16 @@
     python intl.py                                    # quick start: Fashion-MNIST on this machine
     torchrun --nproc_per_node=8 intl.py --data /imagenet --method intl-m --multi-crop
 
-Read top to bottom beside the paper: IterNorm (§2) -> trace loss (§3) -> objective (§4)
--> networks (§5) -> augmentation (§6) -> data -> training loop (§7) -> main. The § marks are
-this file's sections; where the paper leaves a detail open (divisors, centring, defaults),
-the code does what the authors' implementation does. Speed lives beside the method:
---gpu-aug draws the crops on the GPU (gpu_aug.py), --benchmark step|aug times it (benchmark.py).
+Read top to bottom beside the paper: IterNorm -> trace loss -> INTL objective (and INTL-M)
+-> networks -> augmentation -> data -> training loop -> main.
+
+Where the paper leaves a detail open, the code does what the authors' implementation does, so
+that losses and checkpoints compare with theirs: IterNorm centres each whitened variable over its
+observations and divides the covariance by (observations - 1), with no epsilon; the trace loss
+uses the unbiased variance; beta = 0.01 (log2 k - 3); the learning rate is counted from step 1;
+the momentum schedule, the crop scales of multi-crop, Pillow's Gaussian blur and the CIFAR
+defaults (every parameter decayed, fp32) are theirs. Speed lives beside the method: --gpu-aug
+draws the crops on the GPU (gpu_aug.py); benchmark.py times it.
 """
 import argparse
 import copy
@@ -16,10 +21,12 @@ import gzip
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,10 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
-
-import gpu_aug
 
 
 def fail(msg):
@@ -38,7 +43,7 @@ def fail(msg):
     sys.exit(f"error: {msg}")
 
 
-# ----------------------------------------------------------------------------- §2 IterNorm
+# ----------------------------------------------------------------------------- IterNorm
 def whitened_variables(z, whiten):
     """The matrix whose ROWS are whitened: Z centred over its d features (channel whitening,
     the m samples are the variables) or Z^T centred over its m samples (batch whitening)."""
@@ -48,7 +53,7 @@ def whitened_variables(z, whiten):
 
 
 def newton_iterations(sigma_n, iters):
-    """P_k = 1.5 P_{k-1} - 0.5 P_{k-1}^3 Σ_N, P_0 = I  (§2): P_T -> Σ_N^{-1/2}."""
+    """P_k = 1.5 P_{k-1} - 0.5 P_{k-1}^3 Σ_N, P_0 = I: P_T -> Σ_N^{-1/2}."""
     p = torch.eye(sigma_n.shape[0], dtype=sigma_n.dtype, device=sigma_n.device)
     for _ in range(iters):
         p = torch.addmm(p, torch.linalg.matrix_power(p, 3), sigma_n, beta=1.5, alpha=-0.5)
@@ -56,7 +61,7 @@ def newton_iterations(sigma_n, iters):
 
 
 def iter_norm(z, iters=4, whiten="channel"):
-    """Ŷ = P_T(Σ/trΣ) Zc / sqrt(trΣ)  (§2), in float32 (or float64) even under autocast.
+    """Ŷ = P_T(Σ/trΣ) Zc / sqrt(trΣ), in float32 (or float64) even under autocast.
 
     x (k variables × n observations) is whitened by the k × k covariance Σ = x x^T/(n-1).
     P_T is a polynomial in Σ, so p(x x^T) x = x p(x^T x): when k > n the n × n Gram matrix
@@ -64,35 +69,68 @@ def iter_norm(z, iters=4, whiten="channel"):
     with torch.autocast(z.device.type, enabled=False):
         x = whitened_variables(z.to(torch.promote_types(z.dtype, torch.float32)), whiten)
         k, n = x.shape
-        small = x @ x.T if k <= n else x.T @ x
-        small = small / (n - 1)
-        trace = small.diagonal().sum()
-        p = newton_iterations(small / trace, iters)
-        y = (p @ x if k <= n else x @ p) / trace.sqrt()
+        use_gram = k > n
+        cov = (x.T @ x if use_gram else x @ x.T) / (n - 1)   # Σ, or the Gram matrix: same trace
+        trace = cov.diagonal().sum()
+        p = newton_iterations(cov / trace, iters)
+        y = (x @ p if use_gram else p @ x) / trace.sqrt()
         return y if whiten == "channel" else y.T
 
 
-# ----------------------------------------------------------------------------- §3 trace loss
+# ----------------------------------------------------------------------------- trace loss
 def trace_loss(y, whiten="channel"):
-    """TL(Ŷ) = Σ_j (v_j - 1)², v_j the unbiased variance of whitened variable j  (§3)."""
+    """TL(Ŷ) = Σ_j (v_j - 1)², v_j the unbiased variance of whitened variable j."""
     v = y.var(dim=1 if whiten == "channel" else 0)
     return ((v - 1) ** 2).sum()
 
 
 def trace_loss_weight(k):
-    """β = 0.01 (log2 k - 3), k = number of whitened variables  (§3)."""
+    """β = 0.01 (log2 k - 3), k = number of whitened variables."""
     return 0.01 * (math.log2(k) - 3)
 
 
-# ----------------------------------------------------------------------------- §4 objective
+# ----------------------------------------------------------------------------- INTL objective
 def nmse(a, b):
-    """2 - 2 mean_i cos(a_i, b_i)  (§4)."""
+    """2 - 2 mean_i cos(a_i, b_i)."""
     return 2 - 2 * F.cosine_similarity(a, b, dim=1).mean()
 
 
+def intl_loss(zs, z_target=None, beta=0.05, whiten="channel", transform=iter_norm):
+    """INTL: 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_0) + β (TL(Ŷ_i) + TL(Ŷ_0))], Ŷ_v = transform(Z_v);
+    INTL-M (z_target given): 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_target) + β TL(Ŷ_i)], no gradient to the target.
+
+    zs: the embeddings [m, d] of each view. Returns the loss and its parts (detached): the
+    mean nmse and the mean (unweighted) trace loss."""
+    ys = [transform(z, whiten=whiten) for z in zs]
+    if z_target is None:
+        y0, ys = ys[0], ys[1:]
+        tl0 = trace_loss(y0, whiten)
+        tls = [trace_loss(y, whiten) + tl0 for y in ys]
+    else:
+        with torch.no_grad():
+            y0 = transform(z_target, whiten=whiten)
+        tls = [trace_loss(y, whiten) for y in ys]
+    distance = torch.stack([nmse(y, y0) for y in ys]).mean()
+    tl = torch.stack(tls).mean()
+    return distance + beta * tl, distance.detach(), tl.detach()
+
+
+def momentum_at(step, total_steps, m0):
+    """m = 1 - (1 - m0)(cos(π t / t_total) + 1)/2: m0 at the start, 1 at the end."""
+    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+@torch.no_grad()
+def update_momentum(target, online, m):
+    """θ_target <- m θ_target + (1 - m) θ_online, parameters only."""
+    t, o = list(target.parameters()), list(online.parameters())
+    torch._foreach_mul_(t, m)
+    torch._foreach_add_(t, o, alpha=1 - m)
+
+
 class GatherWithGrad(torch.autograd.Function):
-    """All-gather along the batch (§1). Backward sums the gradients of every rank and keeps
-    this rank's slice, so that DDP's gradient average equals the single-process gradient."""
+    """All-gather along the batch. Backward sums the gradients of every rank and keeps this
+    rank's slice, so that DDP's gradient average equals the single-process gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -114,41 +152,6 @@ def gather(z):
     return z
 
 
-def intl_loss(online, target, views, beta, iters=4, whiten="channel"):
-    """INTL (target None) or INTL-M (momentum target encodes views[0])  (§4).
-
-    Returns the loss, its nmse and (unweighted) trace-loss parts, and the global embedding
-    and whitened output of one online view, for the spectrum."""
-    if target is None:   # L = 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_0) + β (TL(Ŷ_i) + TL(Ŷ_0))]
-        zs = [gather(z) for z in online(views)]
-        ys = [iter_norm(z, iters, whiten) for z in zs]
-        y0, ys = ys[0], ys[1:]
-        tl0 = trace_loss(y0, whiten)
-        tls = [trace_loss(y, whiten) + tl0 for y in ys]
-    else:                # L = 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_target) + β TL(Ŷ_i)]
-        with torch.no_grad():
-            y0 = iter_norm(gather(target(views[:1])[0]), iters, whiten)
-        zs = [gather(z) for z in online(views[1:])]
-        ys = [iter_norm(z, iters, whiten) for z in zs]
-        tls = [trace_loss(y, whiten) for y in ys]
-    n = torch.stack([nmse(y, y0) for y in ys]).mean()
-    tl = torch.stack(tls).mean()
-    return n + beta * tl, n.detach(), tl.detach(), (zs[-1].detach(), ys[-1].detach())
-
-
-def momentum_at(step, total_steps, m0):
-    """m = 1 - (1 - m0)(cos(π t / t_total) + 1)/2: m0 at the start, 1 at the end  (§4)."""
-    return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-@torch.no_grad()
-def update_momentum(target, online, m):
-    """θ_target <- m θ_target + (1 - m) θ_online, parameters only  (§4)."""
-    t, o = list(target.parameters()), list(online.parameters())
-    torch._foreach_mul_(t, m)
-    torch._foreach_add_(t, o, alpha=1 - m)
-
-
 def spectrum(z, whiten="channel"):
     """Condition number λmax/λmin (capped at 1e12: singular) and effective rank
     exp(entropy(λ/Σλ)) of the covariance of the whitened variables -- the paper's
@@ -163,14 +166,14 @@ def spectrum(z, whiten="channel"):
     return {"cond": cond, "erank": erank}
 
 
-# ----------------------------------------------------------------------------- §5 networks
+# ----------------------------------------------------------------------------- networks
 RESNETS = [n for n in torchvision.models.list_models(module=torchvision.models)
            if n.startswith(("resnet", "wide_resnet", "resnext"))]
 
 
 def resnet_backbone(arch, small_images=False):
     """torchvision ResNet without its classifier; last BN of each block zero-initialised
-    except for ResNet-18; 3×3 stride-1 stem and no max-pool for 32-px images  (§5)."""
+    except for ResNet-18; 3×3 stride-1 stem and no max-pool for 32-px images."""
     if arch not in RESNETS:
         fail(f"unknown --arch {arch!r}; choose one of {', '.join(RESNETS)}")
     net = torchvision.models.get_model(arch, zero_init_residual=arch != "resnet18")
@@ -183,7 +186,7 @@ def resnet_backbone(arch, small_images=False):
 
 
 def projector(in_dim, widths):
-    """Linear(no bias)-BN-ReLU for each hidden width, then Linear(bias)  (§5)."""
+    """Linear(no bias)-BN-ReLU for each hidden width, then Linear(bias)."""
     dims = [in_dim] + [int(w) for w in widths.split("-")]
     layers = []
     for a, b in zip(dims[:-2], dims[1:-1]):
@@ -204,35 +207,49 @@ class Encoder(nn.Module):
         return [self.projector(self.backbone(v)) for v in views]
 
 
-# ----------------------------------------------------------------------------- §6 augmentation
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-#            (size, scale range,    p_blur, p_solarize)
-TWO_VIEWS = [(224, (0.08, 1.0), 1.0, 0.0), (224, (0.08, 1.0), 0.1, 0.2)]
-MULTI_CROP = [(224, (0.2, 1.0), 0.5, 0.1), (224, (0.2, 1.0), 0.5, 0.1),
-              (192, (0.171, 0.857), 0.5, 0.1), (160, (0.143, 0.714), 0.5, 0.1),
-              (128, (0.114, 0.571), 0.5, 0.1), (96, (0.086, 0.429), 0.5, 0.1)]
-SMALL_IMAGES = [(32, (0.08, 1.0), 0.0, 0.0), (32, (0.08, 1.0), 0.0, 0.2)]
+# ----------------------------------------------------------------------------- augmentation
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)          # ImageNet's
+CIFAR_NORM = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+              "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+class Crop(NamedTuple):
+    """One crop of the recipe; gpu_aug.py reads the same fields, so the two paths agree."""
+    size: int
+    scale: tuple
+    p_blur: float
+    p_solarize: float
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)   # ColorJitter's brightness, contrast, saturation, hue
+    p_jitter: float = 0.8
+    p_gray: float = 0.2
+    sigma: tuple = (0.1, 2.0)              # blur radius range
+    mean: tuple = MEAN
+    std: tuple = STD
+
+
+TWO_VIEWS = [Crop(224, (0.08, 1.0), 1.0, 0.0), Crop(224, (0.08, 1.0), 0.1, 0.2)]
+MULTI_CROP = [Crop(224, (0.2, 1.0), 0.5, 0.1), Crop(224, (0.2, 1.0), 0.5, 0.1)] + [
+    Crop(s, (round(0.2 * s / 224, 3), round(s / 224, 3)), 0.5, 0.1) for s in (192, 160, 128, 96)]
+SMALL_IMAGES = [Crop(32, (0.08, 1.0), 0.0, 0.0), Crop(32, (0.08, 1.0), 0.0, 0.2)]
 
 
 def gaussian_blur(img, sigma=(0.1, 2.0)):
-    """T.GaussianBlur(23, sigma) on a PIL image: the same σ draw, kernel and reflect padding,
-    but as two 23-tap passes, not one 23 × 23 convolution (60 ms a 224-px crop on one core)."""
-    s = torch.empty(1).uniform_(*sigma)              # as T.GaussianBlur.get_params draws σ
-    x = gpu_aug.gaussian_blur(T.functional.pil_to_tensor(img)[None].float(), s)
-    return T.functional.to_pil_image(x[0].round().to(torch.uint8))
+    """Pillow's GaussianBlur(radius=σ), σ ~ U(sigma) drawn as T.GaussianBlur draws it."""
+    s = torch.empty(1).uniform_(*sigma).item()
+    return img.filter(ImageFilter.GaussianBlur(radius=s))
 
 
-def crop_transform(size, scale, p_blur, p_sol):
-    """One crop of §6. The 23-px blur kernel spans ±5.5σ at σ = 2, i.e. the exact Gaussian."""
+def crop_transform(crop):
+    """One crop of the recipe on a PIL image, in torchvision's order."""
     return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([gaussian_blur], p=p_blur),
-        T.RandomSolarize(128, p=p_sol),
+        T.RandomResizedCrop(crop.size, scale=crop.scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomApply([T.ColorJitter(*crop.jitter)], p=crop.p_jitter),
+        T.RandomGrayscale(p=crop.p_gray),
+        T.RandomApply([partial(gaussian_blur, sigma=crop.sigma)], p=crop.p_blur),
+        T.RandomSolarize(128, p=crop.p_solarize),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(MEAN, STD),
+        T.Normalize(crop.mean, crop.std),
     ])
 
 
@@ -242,14 +259,13 @@ def apply_each(crops, img):
 
 def views_transform(recipe):
     """PIL image -> list of augmented views (picklable, so data workers can spawn)."""
-    return partial(apply_each, [crop_transform(*c) for c in recipe])
+    return partial(apply_each, [crop_transform(c) for c in recipe])
 
 
-def eval_transform(small_images):
+def eval_transform(small_images, mean=MEAN, std=STD):
     """Centre view for evaluation: Resize(256) + CenterCrop(224), or as is for 32-px data."""
-    resize = [] if small_images else [T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
-                                      T.CenterCrop(224)]
-    return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
+    resize = [] if small_images else [T.Resize(256), T.CenterCrop(224)]   # bilinear, as theirs
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- data
@@ -281,8 +297,32 @@ def load_fashion_mnist(train=True):
     return ds.data.numpy(), ds.targets.numpy()
 
 
-class GreyImages(torch.utils.data.Dataset):
-    """uint8 greyscale images -> RGB PIL images padded to 32 px, then `transform`."""
+def load_cifar(name, train=True, root="./data"):
+    """uint8 images (N, 32, 32, 3) and labels from torchvision's CIFAR-10/100 folder in
+    ./data (pickled batches), downloaded there first if absent."""
+    folder, files, key = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)]
+                                      if train else ["test_batch"], b"labels"),
+                          "cifar100": ("cifar-100-python", ["train" if train else "test"],
+                                       b"fine_labels")}[name]
+    if not os.path.isdir(os.path.join(root, folder)):
+        try:
+            getattr(torchvision.datasets, name.upper())(root, download=True)
+        except Exception as e:
+            fail(f"{name} is not in {root}/{folder} and the download failed ({type(e).__name__})")
+    images, labels = [], []
+    for f in files:
+        try:
+            with open(os.path.join(root, folder, f), "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            fail(f"cannot read {name} batch {root}/{folder}/{f}: {e}")
+        images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels += batch[key]
+    return np.concatenate(images), np.array(labels)
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """uint8 images in an array -> RGB PIL images (28-px grey ones padded to 32), then `transform`."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -291,7 +331,8 @@ class GreyImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        img = Image.fromarray(np.pad(self.images[i], 2)).convert("RGB")
+        img = self.images[i]
+        img = Image.fromarray(np.pad(img, 2) if img.ndim == 2 else img).convert("RGB")
         return self.transform(img), int(self.labels[i])
 
 
@@ -305,20 +346,27 @@ def image_folder(root, transform, loader=torchvision.datasets.folder.default_loa
         fail(f"no images in {root}: {str(e).splitlines()[0]}")
 
 
-def train_dataset(args, recipe):
-    """Images -> augmented views, or with --gpu-aug decoded uint8 images (capped in size)."""
-    transform = T.PILToTensor() if args.gpu_aug else views_transform(recipe)
-    if args.data == "fashion-mnist":
-        ds = GreyImages(*load_fashion_mnist(train=True), transform)
-    else:
-        loader = gpu_aug.load_capped if args.gpu_aug else torchvision.datasets.folder.default_loader
-        ds = image_folder(os.path.join(args.data, "train"), transform, loader)
-    return random_subset(ds, args.subset)
+SMALL_DATA = ["fashion-mnist", "cifar10", "cifar100"]
+
+
+def labelled_images(data, train, transform, loader=torchvision.datasets.folder.default_loader):
+    """Fashion-MNIST, CIFAR-10/100 (train or test split), or DIR/train or DIR/val (ImageNet layout)."""
+    if data == "fashion-mnist":
+        return ArrayImages(*load_fashion_mnist(train), transform)
+    if data in CIFAR_NORM:
+        return ArrayImages(*load_cifar(data, train), transform)
+    return image_folder(os.path.join(data, "train" if train else "val"), transform, loader)
 
 
 def train_loader(args, recipe, rank, world, device):
-    """Each rank reads its share of a global batch; the sampler reshuffles every epoch."""
-    dataset = train_dataset(args, recipe)
+    """Each rank reads its share of a global batch; the sampler reshuffles every epoch.
+    With --gpu-aug the workers only decode (capped in size) and pad."""
+    if args.gpu_aug:
+        import gpu_aug
+        dataset = labelled_images(args.data, True, T.PILToTensor(), gpu_aug.load_capped)
+    else:
+        dataset = labelled_images(args.data, True, views_transform(recipe))
+    dataset = random_subset(dataset, args.subset)
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
     per_rank = args.batch_size // world
     if len(sampler) < per_rank:
@@ -337,19 +385,21 @@ def random_subset(ds, n):
     return torch.utils.data.Subset(ds, idx.tolist())
 
 
-# ----------------------------------------------------------------------------- §7 training loop
+# ----------------------------------------------------------------------------- training loop
 def learning_rate(step, total_steps, warmup_steps, lr):
-    """Linear warm-up from 0, then per-step cosine to 0.001 × lr  (§7)."""
+    """lr (t+1)/W for t < W, then a per-step cosine that ends at exactly 0.001 × lr:
+    q = ½(1 + cos(π (t - W + 1)/(T - W))), lr q + 0.001 lr (1 - q); t counts from 0."""
     if step < warmup_steps:
-        return lr * step / warmup_steps
-    q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+        return lr * (step + 1) / warmup_steps
+    q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)))
     return lr * q + 0.001 * lr * (1 - q)
 
 
-def param_groups(model, wd):
-    """Weight decay on weights only; none on biases and BN parameters (1-d)  (§7)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+def param_groups(model, wd, decay_all=False):
+    """Weight decay on weights only, none on biases and BN parameters (1-d); on every
+    parameter with decay_all (the authors' CIFAR setting)."""
+    decay = [p for p in model.parameters() if p.ndim > 1 or decay_all]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not decay_all]
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -357,6 +407,7 @@ def setup_distributed(batch_size):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); plain python runs one process.
     The global batch must split evenly: checked before any process group is joined."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
     if batch_size % world:
         fail(f"--batch-size {batch_size} is not divisible by the world size {world}")
     if world == 1:
@@ -403,27 +454,34 @@ def load_checkpoint(path):
         fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def build_training(args, device, world):
-    """The online encoder (DDP-wrapped, compiled if asked), the INTL-M momentum target, SGD
-    and the fp16 loss scaler. Seeded alike on every rank: all ranks start from the same weights."""
-    torch.manual_seed(args.seed)
-    backbone, dim = resnet_backbone(args.arch, args.small_images)
-    online = Encoder(backbone, projector(dim, args.projector)).to(device)
+def build_model(args, device, world):
+    """The online encoder, the forward wrapper that runs it (DDP, compiled if asked) and the
+    INTL-M momentum target. Seeded alike on every rank, from a forked generator: the per-rank
+    augmentation streams are untouched, whichever is set up first."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        backbone, dim = resnet_backbone(args.arch, args.small_images)
+        online = Encoder(backbone, projector(dim, args.projector)).to(device)
     if device.type == "cuda":
         online = online.to(memory_format=torch.channels_last)
         if world > 1:    # torch's SyncBatchNorm runs on GPUs only
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
     target = copy.deepcopy(online).requires_grad_(False) if args.method == "intl-m" else None
-    model = online
+    forward = online
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
+        forward = nn.parallel.DistributedDataParallel(
             online, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:     # the crop shapes never change: compiled once (DDP splits it at its buckets)
-        model = torch.compile(model, mode=args.compile)
-    optimizer = torch.optim.SGD(param_groups(online, args.wd), lr=0, momentum=0.9,
-                                fused=device.type == "cuda")    # one kernel for all parameters
+        forward = torch.compile(forward, mode=args.compile)
+    return online, forward, target
+
+
+def build_optimizer(online, args, device):
+    """SGD with momentum 0.9 (fused on GPUs) and the GradScaler that fp16 needs."""
+    optimizer = torch.optim.SGD(param_groups(online, args.wd, decay_all=args.data in CIFAR_NORM),
+                                lr=0, momentum=0.9, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    return online, target, model, optimizer, scaler
+    return optimizer, scaler
 
 
 def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
@@ -446,34 +504,54 @@ def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
     return ckpt["epoch"], ckpt["step"]
 
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+def autocast_dtype(amp, device, data):
+    """--amp as a dtype (None: fp32). auto: bf16 on GPUs that have it, except on CIFAR, where
+    the authors trained in fp32."""
+    if amp == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and data not in CIFAR_NORM
+        return torch.bfloat16 if bf16 else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-def train_step(model, online, target, optimizer, scaler, views, m, beta, args):
-    """One step of §7: EMA target, INTL loss, backward, SGD; nothing in it waits for the GPU.
-    `model` runs the forward (`online`, or its DDP / compiled wrapper); `online` owns the weights."""
+def train_step(forward, online, target, optimizer, scaler, views, m, beta, amp, args):
+    """One step: EMA target, every view's embedding (gathered over ranks), the INTL objective,
+    backward, SGD; nothing in it waits for the GPU. `forward` is `online` or its DDP / compiled
+    wrapper; `online` owns the weights. Returns the loss, its parts and one view's embedding."""
     if target is not None:
         update_momentum(target, online, m)
-    with torch.autocast(views[0].device.type, dtype=AMP[args.amp], enabled=args.amp != "off"):
-        loss, n, tl, last = intl_loss(model, target, views, beta, args.iters, args.whiten)
+    with torch.autocast(views[0].device.type, dtype=amp, enabled=amp is not None):
+        z_target = None
+        if target is not None:       # INTL-M: the target encodes the first view only
+            with torch.no_grad():
+                z_target = gather(target(views[:1])[0])
+            views = views[1:]
+        zs = [gather(z) for z in forward(views)]
+        loss, distance, tl = intl_loss(zs, z_target, beta, args.whiten, partial(iter_norm, iters=args.iters))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss, n, tl, last
+    return loss, distance, tl, zs[-1].detach()
 
 
-def setup(args):
-    """Processes, device, the crop recipe and β, shared by training and the benchmarks."""
-    rank, world, device = setup_distributed(args.batch_size)
-    small = args.small_images or args.data == "fashion-mnist"
-    recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
-    if args.amp == "auto":
-        args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
-    k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
-    beta = args.beta if args.beta is not None else trace_loss_weight(k)
-    return rank, world, device, recipe, k, beta
+def crop_recipe(args):
+    """The crops of each image: CIFAR's and Fashion-MNIST's 32-px pair, or 2 or 6 ImageNet crops."""
+    if args.data in CIFAR_NORM:
+        return [c._replace(mean=CIFAR_NORM[args.data][0], std=CIFAR_NORM[args.data][1])
+                for c in SMALL_IMAGES]
+    if args.small_images or args.data == "fashion-mnist":
+        return SMALL_IMAGES
+    return MULTI_CROP if args.multi_crop else TWO_VIEWS
+
+
+def whitened_count(args):
+    """k, the number of whitened variables: the global batch (channel) or the embedding dim."""
+    return args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
+
+
+def whitening(args):
+    """The transform of each view's embedding: IterNorm with T = --iters Newton iterations."""
+    return partial(iter_norm, iters=args.iters)
 
 
 def channels_last(device):
@@ -484,20 +562,24 @@ def channels_last(device):
 def to_views(batch, recipe, aug, device):
     """A loader batch -> the views on `device` (augmented there with --gpu-aug)."""
     if aug is not None:
+        import gpu_aug
         images, heights, widths = (t.to(device, non_blocking=True) for t in batch)
         batch = gpu_aug.multi_view(images, recipe, aug, heights, widths)
     return [v.to(device, non_blocking=True, memory_format=channels_last(device)) for v in batch]
 
 
 def train(args):
-    rank, world, device, recipe, k, beta = setup(args)
+    rank, world, device = setup_distributed(args.batch_size)
     log = print if rank == 0 else (lambda *a, **kw: None)
-    online, target, model, optimizer, scaler = build_training(args, device, world)
-    seed = args.seed + rank      # augmentation differs across ranks
+    recipe, amp, k = crop_recipe(args), autocast_dtype(args.amp, device, args.data), whitened_count(args)
+    beta = trace_loss_weight(k) if args.beta is None else args.beta
+    seed = args.seed + rank      # augmentation differs across ranks; the weights do not (build_model)
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    loader = train_loader(args, recipe, rank, world, device)    # a bad --data fails before the model
+    online, forward, target = build_model(args, device, world)
+    optimizer, scaler = build_optimizer(online, args, device)
     # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
     aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
-    loader = train_loader(args, recipe, rank, world, device)
     lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
 
@@ -512,10 +594,10 @@ def train(args):
 
     log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views{' (GPU augmentation)' if aug else ''}, "
         f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
-        f"{len(loader.dataset)} images, {len(loader)} steps/epoch, amp {args.amp}")
+        f"{len(loader.dataset)} images, {len(loader)} steps/epoch, autocast {amp or 'off'}")
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         loader.sampler.set_epoch(epoch)
-        model.train()
+        forward.train()
         if target is not None:
             target.train()
         t_last, t_data, wait, seen = time.time(), time.time(), 0.0, 0
@@ -524,13 +606,14 @@ def train(args):
             views = to_views(batch, recipe, aug, device)
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(step, total_steps, warmup_steps, lr)
-            loss, n, tl, last = train_step(model, online, target, optimizer, scaler, views,
-                                           momentum_at(step, total_steps, args.momentum), beta, args)
+            loss, distance, tl, embedding = train_step(
+                forward, online, target, optimizer, scaler, views,
+                momentum_at(step, total_steps, args.momentum), beta, amp, args)
             step += 1
             seen += args.batch_size
             if step % args.print_freq == 0 or i == len(loader) - 1:   # .item() syncs: only here
                 dt = time.time() - t_last
-                rec = {"epoch": epoch, "step": step, "loss": loss.item(), "nmse": n.item(),
+                rec = {"epoch": epoch, "step": step, "loss": loss.item(), "nmse": distance.item(),
                        "trace_loss": tl.item(), "lr": optimizer.param_groups[0]["lr"],
                        "img_per_s": seen / dt, "data_wait": wait / dt}
                 log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{len(loader)} loss {rec['loss']:.4f} "
@@ -540,14 +623,14 @@ def train(args):
                 t_last, wait, seen = time.time(), 0.0, 0
             t_data = time.time()
 
-        z, y = last   # the epoch's last batch, before and after IterNorm (read before any later
-        #               step: CUDA graphs reuse their output memory)
-        spec = {"epoch": epoch + 1, "step": step, "projector": spectrum(z, args.whiten),
-                "iternorm": spectrum(y, args.whiten)}
-        log(f"epoch {epoch + 1}: spectrum cond/erank projector {spec['projector']['cond']:.3g}/"
-            f"{spec['projector']['erank']:.1f}, IterNorm output {spec['iternorm']['cond']:.3g}/"
-            f"{spec['iternorm']['erank']:.1f} of {k}", flush=True)
-        write_log(args, rank, spec)
+        # the epoch's last batch, before and after IterNorm (read before any later step: CUDA
+        # graphs reuse their output memory)
+        rec = {"epoch": epoch + 1, "step": step, "projector": spectrum(embedding, args.whiten),
+               "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten)}
+        log(f"epoch {epoch + 1}: spectrum cond/erank projector {rec['projector']['cond']:.3g}/"
+            f"{rec['projector']['erank']:.1f}, IterNorm output {rec['iternorm']['cond']:.3g}/"
+            f"{rec['iternorm']['erank']:.1f} of {k}", flush=True)
+        write_log(args, rank, rec)
         rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
         if world > 1:
             rngs = [None] * world
@@ -578,10 +661,14 @@ QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "
                "--print-freq", "10", "--output-dir", "runs/quick-start"]
 
 
-def parse_args(argv=None):
+CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_args(argv=None, need_data=True):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", help="DIR with DIR/train/<class>/<image> (ImageNet layout), or fashion-mnist")
+    p.add_argument("--data", help="DIR with DIR/train/<class>/<image> (ImageNet layout), fashion-mnist, "
+                                  "cifar10 or cifar100 (the last two imply --small-images)")
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
     p.add_argument("--method", choices=["intl", "intl-m"], default="intl",
                    help="INTL, or INTL-M with a momentum target encoding the first view")
@@ -607,10 +694,7 @@ def parse_args(argv=None):
                    help="workers only decode; the crops are drawn batched on the device (gpu_aug.py)")
     p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the encoder in this mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--benchmark", choices=["step", "aug"],
-                   help="time training steps (synthetic crops; real ones with --data DIR) or the augmentation")
-    p.add_argument("--bench-steps", type=int, default=20, help="timed steps (images for aug) per repeat")
-    p.add_argument("--workers", type=int, default=8, help="data workers per process")
+    p.add_argument("--workers", type=int, default=min(8, CPU_CORES), help="data workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights (augmentation: seed + rank)")
     p.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
     p.add_argument("--output-dir", default="runs/intl",
@@ -618,11 +702,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
-    if not args.data and not args.benchmark:
-        fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
-    for name in ["epochs", "batch_size", "iters", "print_freq", "bench_steps"]:
+    if not args.data and need_data:
+        fail("--data is required (a folder in ImageNet layout, fashion-mnist, cifar10 or cifar100)")
+    for name in ["epochs", "batch_size", "iters", "print_freq"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be positive")
+    args.small_images = args.small_images or args.data in CIFAR_NORM    # their 3x3 stem
     return args
 
 
@@ -631,9 +716,6 @@ def main():
     if quick:
         print("quick start: python intl.py " + " ".join(QUICK_START), flush=True)
     args = parse_args(QUICK_START if quick else None)
-    if args.benchmark:
-        import benchmark    # speed figures, apart from the method
-        return benchmark.main(args)
     backbone, rank = train(args)
     if quick and rank == 0:
         from eval_linear import quick_start_knn    # evaluation lives there; it imports this file

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The paper's ImageNet results (spec §7, §8): INTL pretraining of a ResNet-50, then the linear
-# protocol, then semi-supervised fine-tuning on the SimCLR 1 % / 10 % subsets when given.
+# The paper's ImageNet results: INTL pretraining of a ResNet-50, then the linear protocol, then
+# semi-supervised fine-tuning on the SimCLR 1 % / 10 % subsets when given; and its ImageNet-100
+# row (ResNet-18, SCHEDULE=in100, DATA an ImageNet-100 folder), pretraining and linear protocol.
 #
 #   SCHEDULE=100 DATA=/imagenet OUT=runs/imagenet-100 bash run_imagenet.sh
+#   SCHEDULE=in100 DATA=/imagenet-100 bash run_imagenet.sh
 #   SUBSET_1=1percent.txt SUBSET_10=10percent.txt SCHEDULE=800 DATA=/imagenet bash run_imagenet.sh
 #   DRY_RUN=1 SCHEDULE=800-2view DATA=/imagenet bash run_imagenet.sh    # print the commands only
 #   NNODES=4 NODE_RANK=0..3 MASTER_ADDR=node0 ...                       # on each of 4 nodes
@@ -21,15 +23,19 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-# one row of spec §7: epochs, base lr, method, crops, linear-eval lr; and the §8 backbone lr
-# for fine-tuning (0.004 for INTL-M checkpoints, 0.006 for INTL)
+# one row of the paper: epochs, base lr, method, crops, linear-eval lr, and the backbone lr of
+# semi-supervised fine-tuning (0.004 for INTL-M checkpoints, 0.006 for INTL); ImageNet rows
+# share the ResNet-50, its 8192-8192-8192 projector, batch 256 and weight decay 1e-5
+arch=resnet50 projector=8192-8192-8192 batch=256 wd=1e-5
 case $SCHEDULE in
   100)       epochs=100 lr=0.5 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
   200)       epochs=200 lr=0.4 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
   400)       epochs=400 lr=0.4 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
   800)       epochs=800 lr=0.3 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
   800-2view) epochs=800 lr=0.3 method=intl   crops=""           linear_lr=0.2 backbone_lr=0.006 ;;
-  *) echo "error: SCHEDULE must be 100, 200, 400, 800 or 800-2view, not '$SCHEDULE'" >&2; exit 2 ;;
+  in100)     epochs=400 lr=0.5 method=intl   crops=""           linear_lr=0.2 backbone_lr=""
+             arch=resnet18 projector=4096-4096-8192 batch=128 wd=2.5e-5 ;;
+  *) echo "error: SCHEDULE must be 100, 200, 400, 800, 800-2view or in100, not '$SCHEDULE'" >&2; exit 2 ;;
 esac
 
 torchrun=(torchrun --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK"
@@ -50,17 +56,18 @@ stage() {
   fi
 }
 
-stage pretrain "${torchrun[@]}" intl.py --data "$DATA" --method $method $crops \
+stage pretrain "${torchrun[@]}" intl.py --data "$DATA" --method $method $crops --arch $arch \
+  --projector $projector --batch-size $batch --wd $wd --momentum 0.996 \
   --epochs $epochs --lr $lr --output-dir "$OUT/pretrain"
 
 backbone=$OUT/pretrain/backbone.pth
-stage linear "${torchrun[@]}" eval_linear.py --data "$DATA" --pretrained "$backbone" \
+stage linear "${torchrun[@]}" eval_linear.py --data "$DATA" --arch $arch --pretrained "$backbone" \
   --lr $linear_lr --output-dir "$OUT/linear"
 
 for pct in 1 10; do
   list_var=SUBSET_$pct
-  if [[ -n ${!list_var:-} ]]; then
-    stage semi-$pct "${torchrun[@]}" eval_linear.py --data "$DATA" --pretrained "$backbone" \
+  if [[ -n ${!list_var:-} && -n $backbone_lr ]]; then
+    stage semi-$pct "${torchrun[@]}" eval_linear.py --data "$DATA" --arch $arch --pretrained "$backbone" \
       --weights finetune --train-subset "${!list_var}" --epochs 20 \
       --lr-classifier 0.2 --lr-backbone $backbone_lr --output-dir "$OUT/semi-$pct"
   fi
