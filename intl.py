@@ -246,9 +246,9 @@ def views_transform(recipe):
 
 
 def eval_transform(small_images):
-    """Centre view for evaluation: Resize(256) + CenterCrop(224), or as is for 32-px data."""
-    resize = [] if small_images else [T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
-                                      T.CenterCrop(224)]
+    """Centre view for evaluation: Resize(256) (torchvision's default, bilinear) + CenterCrop(224),
+    or as is for 32-px data."""
+    resize = [] if small_images else [T.Resize(256), T.CenterCrop(224)]
     return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
@@ -569,6 +569,38 @@ def write_log(args, rank, rec):
     if rank == 0:
         with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+
+# ----------------------------------------------------------------------------- k-NN on frozen features
+@torch.no_grad()
+def features(backbone, dataset, device, batch_size=1000, workers=0):
+    """RAW (not normalised) features of the backbone in eval mode, and the labels."""
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    out = [(backbone(x.to(device)).float(), y.to(device)) for x, y in loader]
+    return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
+
+
+@torch.no_grad()
+def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
+    """k-NN class of each query, `chunk` queries at a time; k is clamped to the bank size.
+    temperature None: majority of the k nearest by Euclidean distance on the raw features,
+    ties to the smallest label among the most frequent (the authors' small-data k-NN);
+    else DINO's vote weighted by exp(cos/T), cosine of the L2-normalised features."""
+    k, bank_labels = min(k, len(bank)), bank_labels.long()
+    if temperature is not None:
+        bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    preds = []
+    for q in queries.split(chunk):
+        if temperature is None:
+            idx = torch.cdist(q, bank).topk(k, dim=1, largest=False).indices
+            w = q.new_ones(idx.shape)
+        else:
+            sim, idx = (q @ bank.T).topk(k, dim=1)
+            w = (sim / temperature).exp()
+        votes = q.new_zeros(len(q), int(bank_labels.max()) + 1).scatter_add_(1, bank_labels[idx], w)
+        preds.append(votes.argmax(dim=1))   # the first of equal maxima: the smallest label
+    return torch.cat(preds)
 
 
 # ----------------------------------------------------------------------------- main
