@@ -587,7 +587,7 @@ def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
     temperature None: majority of the k nearest by Euclidean distance on the raw features,
     ties to the smallest label among the most frequent (the authors' small-data k-NN);
     else DINO's vote weighted by exp(cos/T), cosine of the L2-normalised features."""
-    k, bank_labels = min(k, len(bank)), bank_labels.long()
+    k, bank_labels, classes = min(k, len(bank)), bank_labels.long(), int(bank_labels.max()) + 1
     if temperature is not None:
         bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
     preds = []
@@ -598,7 +598,7 @@ def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
         else:
             sim, idx = (q @ bank.T).topk(k, dim=1)
             w = (sim / temperature).exp()
-        votes = q.new_zeros(len(q), int(bank_labels.max()) + 1).scatter_add_(1, bank_labels[idx], w)
+        votes = q.new_zeros(len(q), classes).scatter_add_(1, bank_labels[idx], w)
         preds.append(votes.argmax(dim=1))   # the first of equal maxima: the smallest label
     return torch.cat(preds)
 
