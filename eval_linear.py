@@ -299,6 +299,7 @@ def exp_lr(epoch, epochs, lr, lr_end=1e-6):
 
 @torch.no_grad()
 def top1_top5(head, x, y):
+    """Top-1 and top-5 (%) of a classifier on fixed features."""
     top = head(x).topk(min(5, head.out_features), dim=1).indices == y[:, None]
     return 100 * top[:, 0].double().mean().item(), 100 * top.any(dim=1).double().mean().item()
 
@@ -388,7 +389,8 @@ def parse_args(argv=None):
                    help="backbone base lr (finetune): 0.004 for INTL-M, 0.006 for INTL checkpoints")
     p.add_argument("--workers", type=int, default=8, help="data workers per process")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=50, help="steps (features: epochs) between progress lines")
+    p.add_argument("--print-freq", type=int, default=50,
+                   help="steps (features: epochs) between progress lines")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
     args = p.parse_args(argv)

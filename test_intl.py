@@ -608,9 +608,9 @@ def test_knn_end_to_end(folder, backbone_pth, tmp_path, capsys, subset):
         kept = intl.random_subset(range(24), subset).indices
         bank, labels = bank[kept], labels[kept]
     printed = capsys.readouterr().out
-    for key, k, t, label in [("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw features)"),
-                             ("knn20_cosine_weighted_top1", 20, 0.07,
-                              "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]:
+    for key, k, t, label in [
+            ("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw features)"),
+            ("knn20_cosine_weighted_top1", 20, 0.07, "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]:
         acc = 100 * (brute_force_knn(bank, labels, queries, k, t) == truth).double().mean().item()
         assert result[key] == pytest.approx(acc, abs=1e-9)
         assert f"{label} top-1 {acc:.2f}%" in printed
@@ -1260,8 +1260,8 @@ def test_protocol_defaults_and_bad_combinations(folder, tmp_path):
     a = parse(["--data", "fashion-mnist", "--weights", "finetune"])
     assert (a.protocol, a.epochs, a.schedule) == ("images", 20, "const")
     assert parse(["--data", "cifar10", "--protocol", "images"]).epochs == 100
-    assert_one_line_error(run_eval(common(folder, tmp_path, "--protocol", "features", "--weights", "finetune")),
-                          "--protocol features", "--weights finetune")
+    finetune = common(folder, tmp_path, "--protocol", "features", "--weights", "finetune")
+    assert_one_line_error(run_eval(finetune), "--protocol features", "--weights finetune")
     assert_one_line_error(run_eval(common(folder, tmp_path, "--protocol", "features", "--schedule", "cos")),
                           "--schedule")
 
