@@ -1,7 +1,8 @@
-"""Evaluation of a backbone pretrained with intl.py, or by the paper's authors (spec §8, §9):
-linear probe, semi-supervised fine-tuning on the SimCLR 1 % / 10 % subsets, and k-NN.
+"""Evaluation of a backbone pretrained with intl.py, or by the paper's authors: linear probe
+(on augmented images, or on features computed once), semi-supervised fine-tuning on the
+SimCLR 1 % / 10 % subsets, and k-NN.
 
-    python eval_linear.py --data fashion-mnist --arch resnet18 --pretrained runs/quick-start/backbone.pth --epochs 10
+    python eval_linear.py --data fashion-mnist --arch resnet18 --pretrained runs/quick-start/backbone.pth
     torchrun --nproc_per_node=8 eval_linear.py --data /imagenet --pretrained runs/intl/backbone.pth --lr 0.4
     torchrun --nproc_per_node=8 eval_linear.py --data /imagenet --pretrained runs/intl/backbone.pth \\
         --weights finetune --train-subset 1percent.txt --lr-classifier 0.2 --lr-backbone 0.004
@@ -20,9 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from intl import (MEAN, STD, ArrayImages, channels_last, eval_transform, fail, gather, image_folder,
-                  load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
-                  setup_distributed, write_log)
+from intl import (CIFAR_NORM, MEAN, SMALL_DATA, STD, channels_last, eval_transform, fail, features,
+                  gather, knn_predict, labelled_images, load_checkpoint, random_subset, resnet_backbone,
+                  save_atomic, setup_distributed, write_log)
+
+CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))   # the authors' test-time
+#                                                    normalisation, for CIFAR-10 and CIFAR-100 alike
+KNN = [("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw features)"),
+       ("knn20_cosine_weighted_top1", 20, 0.07,
+        "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]
 
 
 # ----------------------------------------------------------------------------- §9 checkpoints
@@ -103,25 +110,26 @@ def subset_samples(list_file, root, class_to_idx):
     return samples
 
 
-def train_transform(small_images):
-    """RandomResizedCrop(224) + flip (§8); the same crop at 32 px for 32-px data."""
+def train_transform(small_images, norm=(MEAN, STD)):
+    """RandomResizedCrop(224) + flip; the same crop at 32 px for 32-px data."""
     return T.Compose([T.RandomResizedCrop(32 if small_images else 224), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(MEAN, STD)])
+                      T.ToTensor(), T.Normalize(*norm)])
 
 
 def datasets(args, small_images):
-    """Train and val sets and the number of classes. Fashion-MNIST: 60k train, the 10k test
-    images as val. k-NN uses the centre view for the bank too."""
-    train_tf = eval_transform(small_images) if args.knn else train_transform(small_images)
-    if args.data == "fashion-mnist":
-        if args.train_subset:
-            fail("--train-subset needs --data DIR in ImageNet layout")
-        train = ArrayImages(*load_fashion_mnist(train=True), train_tf)
-        val = ArrayImages(*load_fashion_mnist(train=False), eval_transform(small_images))
-        classes = 10
+    """Train and val sets and the number of classes. Fashion-MNIST and CIFAR: the training
+    images, and the test images as val. k-NN and --protocol features see the test-time
+    transform (centre view, no augmentation) on the training images too."""
+    centre = args.knn or args.protocol == "features"
+    if args.data in SMALL_DATA and args.train_subset:
+        fail("--train-subset needs --data DIR in ImageNet layout")
+    norm = CIFAR10_NORM if args.data in CIFAR_NORM else (MEAN, STD)
+    train_tf = eval_transform(small_images, *norm) if centre else train_transform(small_images, norm)
+    train = labelled_images(args.data, True, train_tf)
+    val = labelled_images(args.data, False, eval_transform(small_images, *norm))
+    if args.data in SMALL_DATA:
+        classes = 100 if args.data == "cifar100" else 10
     else:
-        train = image_folder(os.path.join(args.data, "train"), train_tf)
-        val = image_folder(os.path.join(args.data, "val"), eval_transform(small_images))
         if val.classes != train.classes:
             fail(f"{args.data}/val has {len(val.classes)} classes, {args.data}/train "
                  f"{len(train.classes)}: they must be the same folders")
@@ -149,56 +157,9 @@ def bf16(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-# ----------------------------------------------------------------------------- §8 k-NN
-@torch.no_grad()
-def features(backbone, dataset, device, batch_size=512, workers=0):
-    """L2-normalised features of a frozen backbone (eval mode), and the labels."""
-    backbone.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    feats, labels = [], []
-    for x, y in loader:
-        feats.append(F.normalize(backbone(x.to(device)).float(), dim=1))
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
-    """k-NN on L2-normalised features by cosine similarity, queries in chunks: majority
-    vote (temperature None; ties to the smallest class) or DINO's exp(cos/T) weights."""
-    bank_labels = bank_labels.long()
-    classes = int(bank_labels.max()) + 1
-    preds = []
-    for q in queries.split(chunk):
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        w = torch.ones_like(sim) if temperature is None else (sim / temperature).exp()
-        votes = torch.zeros(len(q), classes, device=q.device, dtype=w.dtype)
-        votes.scatter_add_(1, bank_labels[idx], w)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
-
-
-def quick_start_knn(backbone, args, n_bank=10000, n_test=2000):
-    """intl.py's quick-start check: 5-NN top-1 on Fashion-MNIST test images, the trained
-    backbone vs a random one."""
-    device = next(backbone.parameters()).device
-    tf = eval_transform(small_images=True)
-    images, labels = load_fashion_mnist(train=True)
-    bank = ArrayImages(images[:n_bank], labels[:n_bank], tf)
-    images, labels = load_fashion_mnist(train=False)
-    test = ArrayImages(images[:n_test], labels[:n_test], tf)
-    torch.manual_seed(args.seed)
-    random_init = resnet_backbone(args.arch, args.small_images)[0].to(device)
-    for name, net in [("trained", backbone), ("random init", random_init)]:
-        fb, lb = features(net, bank, device)
-        fq, lq = features(net, test, device)
-        acc = (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item()
-        print(f"5-NN top-1 on {n_test} Fashion-MNIST test images (bank: {n_bank} training "
-              f"images), {name} backbone: {100 * acc:.1f}%", flush=True)
-
-
+# ----------------------------------------------------------------------------- k-NN
 def bank_features(backbone, dataset, rank, world, device, args):
-    """L2-normalised features of the whole set on every rank: each rank encodes a shard,
+    """Raw features of the whole set on every rank: each rank encodes a shard,
     padded to equal length for the all-gather, the padding (label -1) dropped after."""
     f, y = features(backbone, shard(dataset, rank, world), device, args.batch_size, args.workers)
     if world == 1:
@@ -208,23 +169,28 @@ def bank_features(backbone, dataset, rank, world, device, args):
     return f[y >= 0], y[y >= 0]
 
 
-def knn_eval(backbone, train, val, rank, world, device, args):
-    """5-NN majority top-1 (the authors' small-data metric) and DINO's 20-NN top-1 weighted
-    by exp(cos/0.07), on frozen features; queries in chunks so ImageNet's bank fits  (§8)."""
+def knn_eval(backbone, train, val, rank, world, device, args, log):
+    """Top-1 of each k-NN in KNN on frozen features: the authors' 5-NN Euclidean majority on
+    raw features and DINO's 20-NN weighted cosine; queries in chunks so ImageNet's bank fits."""
     with bf16(device):
         bank, bank_labels = bank_features(backbone, train, rank, world, device, args)
         q, q_labels = features(backbone, shard(val, rank, world), device, args.batch_size, args.workers)
+    if any(k > len(bank) for _, k, _, _ in KNN):
+        log(f"note: the bank holds {len(bank)} images; each k larger than that is clamped to {len(bank)}")
     result = {}
-    for name, k, temperature in [("knn5_top1", 5, None), ("knn20_top1", 20, 0.07)]:
+    for key, k, temperature, _ in KNN:
         pred = knn_predict(bank, bank_labels, q, k, temperature, args.knn_chunk)
         correct = sum_over_ranks((pred == q_labels).sum().double())
-        result[name] = 100 * correct.item() / len(val)
+        result[key] = 100 * correct.item() / len(val)
     return result
 
 
 # ----------------------------------------------------------------------------- §8 linear / fine-tune
 def lr_factor(epoch, epochs, schedule):
-    """×0.1 at 60 % and 80 % of the epochs (60 and 80 of 100, §8), or a per-epoch cosine."""
+    """const: 1 (fine-tuning); step: ×0.1 at 60 % and 80 % of the epochs (60 and 80 of 100);
+    cos: a per-epoch cosine."""
+    if schedule == "const":
+        return 1.0
     if schedule == "step":
         return 0.1 ** sum(epoch >= int(f * epochs) for f in (0.6, 0.8))
     return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
@@ -287,11 +253,74 @@ def full_state(backbone, head):
     return {**backbone.state_dict(), "fc.weight": head.weight.detach(), "fc.bias": head.bias.detach()}
 
 
+# ----------------------------------------------------------------------------- linear probe on features
+def exp_lr(epoch, epochs, lr, lr_end=1e-6):
+    """lr (lr_end/lr)^(epoch/epochs): lr at epoch 0, ×(lr_end/lr)^(1/epochs) each epoch, lr_end
+    after the last one (the authors' ExponentialLR, stepped once per epoch)."""
+    return lr * (lr_end / lr) ** (epoch / epochs)
+
+
+@torch.no_grad()
+def top1_top5(head, x, y):
+    """Top-1 and top-5 (%) of a classifier on fixed features."""
+    top = head(x).topk(min(5, head.out_features), dim=1).indices == y[:, None]
+    return 100 * top[:, 0].double().mean().item(), 100 * top.any(dim=1).double().mean().item()
+
+
+def train_probe(x, y, xv, yv, classes, epochs, lr=1e-2, batch_size=1000, every=50, report=print):
+    """nn.Linear on fixed features: Adam (weight decay 5e-6), exp_lr decay to 1e-6, mini-batches
+    from a fresh permutation each epoch. Every `every` epochs and after the last, report() gets
+    the epoch's loss, lr and val top-1 / top-5 (%); returns the last top-1 and top-5."""
+    head = nn.Linear(x.shape[1], classes).to(x.device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=5e-6)
+    for epoch in range(epochs):
+        for g in optimizer.param_groups:
+            g["lr"] = exp_lr(epoch, epochs, lr)
+        batches = torch.randperm(len(x), device=x.device).split(batch_size)
+        total = torch.zeros((), device=x.device)
+        for idx in batches:
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        if (epoch + 1) % every == 0 or epoch + 1 == epochs:
+            acc1, acc5 = top1_top5(head, xv, yv)
+            report({"epoch": epoch + 1, "loss": total.item() / len(batches),
+                    "lr": optimizer.param_groups[0]["lr"], "acc1": acc1, "acc5": acc5})
+    return acc1, acc5
+
+
+def features_protocol(backbone, train, val, classes, rank, world, device, args, log):
+    """The small-data linear protocol: features of the frozen backbone (eval mode, test-time
+    transform) computed once, in batches of --batch-size, then train_probe on them."""
+    t0 = time.time()
+    x, y = bank_features(backbone, train, rank, world, device, args)
+    xv, yv = bank_features(backbone, val, rank, world, device, args)
+    log(f"linear probe on features: {len(x)} train / {len(xv)} val images, {x.shape[1]} features, "
+        f"computed once in {time.time() - t0:.0f} s; Adam, lr {args.lr:g} -> 1e-6 exponentially over "
+        f"{args.epochs} epochs, batches of {args.batch_size}", flush=True)
+
+    def report(rec):
+        log(f"epoch {rec['epoch']}/{args.epochs}: loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+            f"top-1 {rec['acc1']:.2f}% top-5 {rec['acc5']:.2f}%", flush=True)
+        write_log(args, rank, rec)
+
+    torch.manual_seed(args.seed)   # the same probe on every rank (each has all the features)
+    acc1, acc5 = train_probe(x, y, xv, yv, classes, args.epochs, args.lr, args.batch_size,
+                             args.print_freq, report)
+    result = {"protocol": "features", "epochs": args.epochs, "acc1": acc1, "acc5": acc5}
+    log(f"linear probe on features: top-1 {acc1:.2f}%, top-5 {acc5:.2f}% after {args.epochs} epochs")
+    write_log(args, rank, result)
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", help="DIR with DIR/train and DIR/val (ImageNet layout), or fashion-mnist")
+    p.add_argument("--data", help="DIR with DIR/train and DIR/val (ImageNet layout), fashion-mnist, "
+                                  "cifar10 or cifar100")
     p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
     p.add_argument("--small-images", action="store_true",
                    help="3x3 stem, no max-pool (implied when --pretrained has a 3x3 conv1)")
@@ -301,31 +330,51 @@ def parse_args(argv=None):
                    help="evaluate the momentum (target) backbone of an INTL-M checkpoint")
     p.add_argument("--weights", choices=["freeze", "finetune"], default="freeze",
                    help="freeze: linear protocol; finetune: semi-supervised")
+    p.add_argument("--protocol", choices=["images", "features"],
+                   help="linear protocol: SGD on augmented images through the frozen backbone, or Adam "
+                        "on its features computed once (default: features for fashion-mnist and "
+                        "CIFAR, images otherwise)")
     p.add_argument("--train-subset", help="SimCLR subset list (1percent.txt, 10percent.txt)")
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
-    p.add_argument("--knn", action="store_true", help="only k-NN: 5-NN majority and 20-NN weighted top-1")
+    p.add_argument("--knn", action="store_true", help="only k-NN: 5-NN Euclidean majority (raw "
+                   "features) and 20-NN cosine exp(cos/0.07)-weighted (normalised features) top-1")
     p.add_argument("--knn-chunk", type=int, default=256, help="queries per similarity block")
-    p.add_argument("--epochs", type=int, help="default 100 (freeze), 20 (finetune)")
+    p.add_argument("--epochs", type=int, help="default 100 (images), 500 (features), 20 (finetune)")
     p.add_argument("--stop-epoch", type=int, default=0,
                    help="stop after this epoch (schedules still span --epochs); resume later")
-    p.add_argument("--schedule", choices=["step", "cos"], help="default step (freeze), cos (finetune)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
-    p.add_argument("--lr", type=float, default=0.4, help="classifier base lr per 256 images (freeze)")
+    p.add_argument("--schedule", choices=["const", "step", "cos"],
+                   help="default step (images), const (finetune); --protocol features decays exponentially")
+    p.add_argument("--batch-size", type=int, help="global batch size: default 256, 1000 (features)")
+    p.add_argument("--lr", type=float, help="classifier lr: default 0.4 per 256 images (images), "
+                                            "0.01 decaying to 1e-6 (features)")
     p.add_argument("--lr-classifier", type=float, default=0.2, help="classifier base lr (finetune)")
     p.add_argument("--lr-backbone", type=float, default=0.004,
                    help="backbone base lr (finetune): 0.004 for INTL-M, 0.006 for INTL checkpoints")
     p.add_argument("--workers", type=int, default=8, help="data workers per process")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--print-freq", type=int, default=50)
+    p.add_argument("--print-freq", type=int, default=50,
+                   help="steps (features: epochs) between progress lines")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
     args = p.parse_args(argv)
     if not args.data:
-        fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
+        fail("--data is required (a folder in ImageNet layout, fashion-mnist, cifar10 or cifar100)")
     finetune = args.weights == "finetune"
-    if args.epochs is None:   # §8: 100 epochs for the linear protocol, 20 for fine-tuning
-        args.epochs = 20 if finetune else 100
-    args.schedule = args.schedule or ("cos" if finetune else "step")
+    if finetune and args.protocol == "features":
+        fail("--protocol features is a linear protocol; --weights finetune trains on images")
+    args.protocol = args.protocol or ("features" if args.data in SMALL_DATA and not finetune else "images")
+    on_features = args.protocol == "features" and not args.knn
+    if on_features and (args.schedule or args.stop_epoch or args.resume):
+        fail("--schedule, --stop-epoch and --resume apply to --protocol images and --weights finetune; "
+             "--protocol features decays the lr exponentially and takes minutes, without checkpoints")
+    if args.epochs is None:
+        args.epochs = 20 if finetune else 500 if on_features else 100
+    # fine-tuning: a constant lr (the authors' milestones at epochs 60 and 80 fall after its 20)
+    args.schedule = args.schedule or ("const" if finetune else "step")
+    if args.batch_size is None:
+        args.batch_size = 1000 if on_features else 256
+    if args.lr is None:
+        args.lr = 0.01 if on_features else 0.4
     for name in ["epochs", "batch_size", "knn_chunk", "print_freq"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be positive")
@@ -418,14 +467,16 @@ def main(argv=None):
         log(f"backbone: {args.arch}, randomly initialised (no --pretrained), seed {args.seed}")
     backbone = backbone.to(device, memory_format=channels_last(device))
     backbone.requires_grad_(args.weights == "finetune" and not args.knn)
-    train, val, classes = datasets(args, small_images=args.small_images or args.data == "fashion-mnist")
+    train, val, classes = datasets(args, small_images=args.small_images or args.data in SMALL_DATA)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.knn:
-        result = knn_eval(backbone, train, val, rank, world, device, args)
-        log(f"k-NN on {len(val)} val images, bank of {len(train)}: 5-NN top-1 {result['knn5_top1']:.2f}%, "
-            f"20-NN weighted top-1 {result['knn20_top1']:.2f}%", flush=True)
+        result = knn_eval(backbone, train, val, rank, world, device, args, log)
+        log(f"k-NN on {len(val)} val images, bank of {len(train)}: "
+            + ", ".join(f"{label} top-1 {result[key]:.2f}%" for key, _, _, label in KNN), flush=True)
         write_log(args, rank, result)
+    elif args.protocol == "features":
+        result = features_protocol(backbone, train, val, classes, rank, world, device, args, log)
     else:
         result = fit(backbone, dim, train, val, classes, rank, world, device, args, log)
     if world > 1:

@@ -263,8 +263,9 @@ def views_transform(recipe):
 
 
 def eval_transform(small_images, mean=MEAN, std=STD):
-    """Centre view for evaluation: Resize(256) + CenterCrop(224), or as is for 32-px data."""
-    resize = [] if small_images else [T.Resize(256), T.CenterCrop(224)]   # bilinear, as theirs
+    """Centre view for evaluation: Resize(256) (torchvision's default, bilinear) + CenterCrop(224),
+    or as is for 32-px data."""
+    resize = [] if small_images else [T.Resize(256), T.CenterCrop(224)]
     return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -580,6 +581,7 @@ def train(args):
     optimizer, scaler = build_optimizer(online, args, device)
     # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
     aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
+    monitor = knn_pair(args) if args.knn_every and rank == 0 else None
     lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
 
@@ -627,9 +629,12 @@ def train(args):
         # graphs reuse their output memory)
         rec = {"epoch": epoch + 1, "step": step, "projector": spectrum(embedding, args.whiten),
                "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten)}
+        if monitor and (epoch + 1) % args.knn_every == 0:
+            rec["knn5_top1"] = knn_top1(online.backbone, monitor, device)
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {rec['projector']['cond']:.3g}/"
             f"{rec['projector']['erank']:.1f}, IterNorm output {rec['iternorm']['cond']:.3g}/"
-            f"{rec['iternorm']['erank']:.1f} of {k}", flush=True)
+            f"{rec['iternorm']['erank']:.1f} of {k}"
+            + (f"; 5-NN top-1 {rec['knn5_top1']:.1f}%" if "knn5_top1" in rec else ""), flush=True)
         write_log(args, rank, rec)
         rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
         if world > 1:
@@ -654,11 +659,59 @@ def write_log(args, rank, rec):
             f.write(json.dumps(rec) + "\n")
 
 
+# ----------------------------------------------------------------------------- k-NN on frozen features
+@torch.no_grad()
+def features(backbone, dataset, device, batch_size=1000, workers=0):
+    """RAW (not normalised) features of the backbone in eval mode, and the labels."""
+    backbone.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    out = [(backbone(x.to(device)).float(), y.to(device)) for x, y in loader]
+    return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
+
+
+@torch.no_grad()
+def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
+    """k-NN class of each query, `chunk` queries at a time; k is clamped to the bank size.
+    temperature None: majority of the k nearest by Euclidean distance on the raw features,
+    ties to the smallest label among the most frequent (the authors' small-data k-NN);
+    else DINO's vote weighted by exp(cos/T), cosine of the L2-normalised features."""
+    k, bank_labels, classes = min(k, len(bank)), bank_labels.long(), int(bank_labels.max()) + 1
+    if temperature is not None:
+        bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    preds = []
+    for q in queries.split(chunk):
+        if temperature is None:
+            idx = torch.cdist(q, bank).topk(k, dim=1, largest=False).indices
+            w = q.new_ones(idx.shape)
+        else:
+            sim, idx = (q @ bank.T).topk(k, dim=1)
+            w = (sim / temperature).exp()
+        votes = q.new_zeros(len(q), classes).scatter_add_(1, bank_labels[idx], w)
+        preds.append(votes.argmax(dim=1))   # the first of equal maxima: the smallest label
+    return torch.cat(preds)
+
+
+def knn_pair(args, n_bank=10000, n_queries=2000):
+    """The online monitor's labelled data, centre views: a fixed random n_bank training images
+    as the bank, n_queries test (val) images as queries; None for a folder without val/."""
+    if args.data not in SMALL_DATA and not os.path.isdir(os.path.join(args.data, "val")):
+        return None
+    tf = eval_transform(args.small_images or args.data in SMALL_DATA, *CIFAR_NORM.get(args.data, (MEAN, STD)))
+    return (random_subset(labelled_images(args.data, True, tf), n_bank),
+            random_subset(labelled_images(args.data, False, tf), n_queries))
+
+
+def knn_top1(backbone, pair, device):
+    """5-NN top-1 (%) of the queries against the bank: the authors' small-data k-NN."""
+    (fb, lb), (fq, lq) = (features(backbone, ds, device) for ds in pair)
+    return 100 * (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item()
+
+
 # ----------------------------------------------------------------------------- main
 QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024",
                "--batch-size", "256", "--lr", "0.05", "--wd", "1e-4", "--epochs", "1",
                "--warmup-epochs", "0", "--subset", "40000", "--workers", "1",
-               "--print-freq", "10", "--output-dir", "runs/quick-start"]
+               "--print-freq", "10", "--knn-every", "1", "--output-dir", "runs/quick-start"]
 
 
 CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -697,6 +750,8 @@ def parse_args(argv=None, need_data=True):
     p.add_argument("--workers", type=int, default=min(8, CPU_CORES), help="data workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights (augmentation: seed + rank)")
     p.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--knn-every", type=int, default=0, help="every N epochs, 5-NN top-1 of the backbone on "
+                   "labelled data (the test split, or DIR/val) as an online monitor (0: never)")
     p.add_argument("--output-dir", default="runs/intl",
                    help="checkpoint.pth, backbone.pth and log.jsonl go here")
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
@@ -717,9 +772,13 @@ def main():
         print("quick start: python intl.py " + " ".join(QUICK_START), flush=True)
     args = parse_args(QUICK_START if quick else None)
     backbone, rank = train(args)
-    if quick and rank == 0:
-        from eval_linear import quick_start_knn    # evaluation lives there; it imports this file
-        quick_start_knn(backbone, args)
+    if quick and rank == 0:      # the same check on the network as it was before training
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            random_init = resnet_backbone(args.arch, args.small_images)[0]
+        device = next(backbone.parameters()).device
+        print(f"5-NN top-1 of the same network at random init: "
+              f"{knn_top1(random_init.to(device), knn_pair(args), device):.1f}%", flush=True)
 
 
 if __name__ == "__main__":

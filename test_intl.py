@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shlex
 import statistics
 import subprocess
@@ -432,11 +433,18 @@ def test_fashion_mnist_reads_the_real_files():
 
 
 def test_knn_majority_vote():
-    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=1)
+    # raw features: class 0 lies near the query in Euclidean distance, class 1 in direction
+    bank = torch.tensor([[1.0, 0.4], [1.2, 0.5], [5.0, 0.0], [6.0, 0.1]])
     labels = torch.tensor([0, 0, 1, 1])
-    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
-    assert eval_linear.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [0, 1]
-    assert eval_linear.knn_predict(bank, labels, q, k=3, temperature=0.07).tolist() == [0, 1]
+    q = torch.tensor([[4.0, 0.0], [1.0, 0.5]])
+    assert intl.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [1, 0]
+    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2).tolist() == [0]   # not by direction,
+    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2, temperature=0.07).tolist() == [1]   # as here
+    # a 2-2 tie: the smallest label wins, even when the other class holds the nearest images
+    tie = torch.tensor([[0.1, 0], [0.2, 0], [0.3, 0], [0.4, 0], [5.0, 0]])
+    assert intl.knn_predict(tie, torch.tensor([3, 3, 1, 1, 0]), torch.zeros(1, 2), k=4).tolist() == [1]
+    # fewer bank images than k: k is the bank size
+    assert intl.knn_predict(bank, labels, q, k=20).tolist() == intl.knn_predict(bank, labels, q, k=4).tolist()
 
 
 # ============================================================================= eval_linear.py
@@ -527,58 +535,86 @@ def test_finetune_on_a_subset_list(folder, backbone_pth, tmp_path):
     (tmp_path / "subset.txt").write_text("\n".join(listed) + "\n")
     out = tmp_path / "semi"
     eval_linear.main(common(folder, out, "--pretrained", str(backbone_pth), "--weights", "finetune",
-                            "--train-subset", str(tmp_path / "subset.txt"), "--epochs", "1"))
+                            "--train-subset", str(tmp_path / "subset.txt"), "--epochs", "3"))
     state = torch.load(out / "checkpoint.pth")["model"]
     before = torch.load(backbone_pth)
     assert not torch.equal(state["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
+    # a constant lr by default: the classifier's 0.2 × batch/256 in every epoch
+    assert [r["lr"] for r in read_log(out)] == pytest.approx([0.2 * 8 / 256] * 3, rel=1e-12)
 
 
 def test_lr_schedules():
     assert [eval_linear.lr_factor(e, 100, "step") for e in (0, 59, 60, 79, 80, 99)] == \
         pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     assert eval_linear.lr_factor(0, 20, "cos") == 1 and eval_linear.lr_factor(10, 20, "cos") == pytest.approx(0.5)
+    assert [eval_linear.lr_factor(e, 20, "const") for e in range(20)] == [1] * 20
+    # defaults: constant for fine-tuning, step decay for the linear protocol on images
+    assert eval_linear.parse_args(["--data", "/imagenet", "--weights", "finetune"]).schedule == "const"
+    assert eval_linear.parse_args(["--data", "/imagenet"]).schedule == "step"
 
 
 # ----------------------------------------------------------------------------- k-NN
 def brute_force_knn(bank, labels, queries, k, temperature):
-    """One query at a time, a full sort, votes counted in a Python dict."""
+    """In float64, one query at a time: the Euclidean distances to every bank row (raw
+    features) or their cosines, a full sort, votes counted in a Python dict."""
+    bank, queries = bank.double().tolist(), queries.double().tolist()
+    norm = lambda v: math.sqrt(sum(a * a for a in v))
     preds = []
     for q in queries:
-        sims = [float(q @ b) for b in bank]
-        order = sorted(range(len(bank)), key=lambda i: -sims[i])[:k]
+        if temperature is None:    # nearest first: the negated distance
+            scores = [-norm([a - b for a, b in zip(q, row)]) for row in bank]
+        else:
+            scores = [sum(a * b for a, b in zip(q, row)) / (norm(q) * norm(row)) for row in bank]
+        order = sorted(range(len(bank)), key=lambda i: -scores[i])[:k]
         votes = {}
         for i in order:
-            w = 1.0 if temperature is None else np.exp(sims[i] / temperature)
+            w = 1.0 if temperature is None else math.exp(scores[i] / temperature)
             votes[int(labels[i])] = votes.get(int(labels[i]), 0.0) + w
-        preds.append(min(votes, key=lambda c: (-votes[c], c)))   # ties: smallest class
+        preds.append(min(votes, key=lambda c: (-votes[c], c)))   # ties: the smallest label
     return torch.tensor(preds)
 
 
-@pytest.mark.parametrize("k, temperature", [(5, None), (20, 0.07)])
-def test_knn_matches_brute_force(k, temperature):
+@pytest.mark.parametrize("n_bank, k, temperature", [(300, 5, None), (300, 20, 0.07), (12, 20, None),
+                                                    (12, 20, 0.07)])
+def test_knn_matches_brute_force(n_bank, k, temperature):
     g = torch.Generator().manual_seed(0)
-    bank = F.normalize(torch.randn(300, 16, generator=g, dtype=torch.float64), dim=1)
-    labels = torch.randint(0, 7, (300,), generator=g)
-    queries = F.normalize(torch.randn(53, 16, generator=g, dtype=torch.float64), dim=1)
+    # raw features of unequal norms: Euclidean neighbours differ from cosine ones
+    bank = torch.randn(n_bank, 16, generator=g, dtype=torch.float64) * torch.rand(n_bank, 1, generator=g) * 3
+    labels = torch.randint(0, 7, (n_bank,), generator=g)
+    queries = torch.randn(53, 16, generator=g, dtype=torch.float64) * 2
     expected = brute_force_knn(bank, labels, queries, k, temperature)
+    if temperature is None and n_bank > k:   # the data hold vote ties (e.g. 2-2-1 or 1-1-1-1-1)
+        votes = [torch.bincount(labels[(queries[i] - bank).norm(dim=1).argsort()[:k]]) for i in range(53)]
+        assert sum((v == v.max()).sum() > 1 for v in votes) >= 5
     for chunk in (1, 10, 1024):
-        assert torch.equal(eval_linear.knn_predict(bank, labels, queries, k, temperature, chunk), expected)
+        assert torch.equal(intl.knn_predict(bank, labels, queries, k, temperature, chunk), expected)
 
 
-def test_knn_end_to_end(folder, backbone_pth, tmp_path):
+@pytest.mark.parametrize("subset", [0, 12])
+def test_knn_end_to_end(folder, backbone_pth, tmp_path, capsys, subset):
+    """The whole bank of 24 images, and a bank of 12, fewer than the 20 of DINO's k-NN."""
     out = tmp_path / "knn"
-    args = common(folder, out, "--pretrained", str(backbone_pth), "--knn", "--knn-chunk", "5")
+    args = common(folder, out, "--pretrained", str(backbone_pth), "--knn", "--knn-chunk", "5",
+                  "--subset", str(subset))
     args.remove("--small-images")     # implied by the 3×3 conv1 in the file
     result = eval_linear.main(args)
     net = probe_backbone(folder)
     with torch.no_grad():
-        bank, queries = F.normalize(net(images(folder)), dim=1), F.normalize(net(images(folder, "val")), dim=1)
+        bank, queries = net(images(folder)), net(images(folder, "val"))
     labels = torch.arange(3).repeat_interleave(8)
     truth = torch.arange(3).repeat_interleave(4)
-    for key, k, t in [("knn5_top1", 5, None), ("knn20_top1", 20, 0.07)]:
+    if subset:
+        kept = intl.random_subset(range(24), subset).indices
+        bank, labels = bank[kept], labels[kept]
+    printed = capsys.readouterr().out
+    for key, k, t, label in [
+            ("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw features)"),
+            ("knn20_cosine_weighted_top1", 20, 0.07, "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]:
         acc = 100 * (brute_force_knn(bank, labels, queries, k, t) == truth).double().mean().item()
         assert result[key] == pytest.approx(acc, abs=1e-9)
-    assert read_log(out) == [result]
+        assert f"{label} top-1 {acc:.2f}%" in printed
+    assert read_log(out) == [result] and len(result) == 2
+    assert printed.count("note: the bank holds 12 images") == (1 if subset else 0)
 
 
 # ----------------------------------------------------------------------------- checkpoint layouts
@@ -1177,25 +1213,118 @@ def test_gpu_check_runs_what_fits_and_prints_one_table(tmp_path, capsys, monkeyp
 
 
 def test_quick_start_prints_its_command_and_the_knn_check(tmp_path, capsys, monkeypatch):
-    """python intl.py with no arguments: the quick start, shrunk here to a few steps."""
+    """python intl.py with no arguments: the quick start, shrunk here to a few steps; its 5-NN
+    figures (trained, every epoch, and at random init) against a brute-force vote."""
     flags = dict(zip(intl.QUICK_START[::2], intl.QUICK_START[1::2]))
     flags.update({"--subset": "64", "--batch-size": "32", "--projector": "64-64", "--workers": "0",
                   "--output-dir": str(tmp_path)})
     monkeypatch.setattr(intl, "QUICK_START", [x for kv in flags.items() for x in kv])
     monkeypatch.setattr(sys, "argv", ["intl.py"])
-    knn = eval_linear.quick_start_knn
-    monkeypatch.setattr(eval_linear, "quick_start_knn", lambda b, a: knn(b, a, n_bank=200, n_test=50))
+    pair = intl.knn_pair
+    monkeypatch.setattr(intl, "knn_pair", lambda args: pair(args, n_bank=60, n_queries=20))
     intl.main()
     out = capsys.readouterr().out
     assert out.startswith("quick start: python intl.py --data fashion-mnist")
-    assert "ep 1/1 step 2/2" in out and out.count("5-NN top-1 on 50 Fashion-MNIST test images") == 2
+    assert "ep 1/1 step 2/2" in out
+    bank, queries = pair(intl.parse_args(intl.QUICK_START), n_bank=60, n_queries=20)
+    truth = torch.tensor([y for _, y in queries])
+
+    def top1(net):
+        net.eval()
+        with torch.no_grad():
+            fb, fq = (net(torch.stack([x for x, _ in ds])) for ds in (bank, queries))
+        pred = brute_force_knn(fb, torch.tensor([y for _, y in bank]), fq, 5, None)
+        return 100 * (pred == truth).double().mean().item()
+    trained, _ = resnet_backbone("resnet18")
+    trained.load_state_dict(torch.load(tmp_path / "backbone.pth"))
+    torch.manual_seed(0)
+    random_init, _ = resnet_backbone("resnet18")
+    assert f"; 5-NN top-1 {top1(trained):.1f}%" in out
+    assert f"5-NN top-1 of the same network at random init: {top1(random_init):.1f}%" in out
+    assert read_log(tmp_path)[-1]["knn5_top1"] == pytest.approx(top1(trained))
+
+
+# ============================================================================= evaluation protocols
+def test_centre_view_is_bilinear_resize_then_centre_crop():
+    """torchvision's default Resize(256) (bilinear, antialiased) + CenterCrop(224), pixel for pixel."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))   # noise: every
+    want = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])(img)
+    got = intl.eval_transform(small_images=False)(img)                          # interpolation differs
+    assert got.shape == (3, 224, 224) and torch.equal(got, want)
+    small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert torch.equal(intl.eval_transform(small_images=True)(small),
+                       T.Normalize(MEAN, STD)(T.ToTensor()(small)))
+
+
+def test_linear_probe_on_separable_features_and_its_exponential_lr():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=g) * 3
+    y, yv = torch.randint(0, 4, (2500,), generator=g), torch.randint(0, 4, (500,), generator=g)
+    x, xv = centres[y] + torch.randn(2500, 32, generator=g), centres[yv] + torch.randn(500, 32, generator=g)
+    records = []
+    torch.manual_seed(0)
+    acc1, acc5 = eval_linear.train_probe(x, y, xv, yv, 4, epochs=20, every=1, report=records.append)
+    assert acc1 >= 98 and acc5 == 100 and (acc1, acc5) == (records[-1]["acc1"], records[-1]["acc5"])
+    assert [r["epoch"] for r in records] == list(range(1, 21))
+    # epoch e (from 0) of E runs at 1e-2 (1e-6 / 1e-2)^(e/E): the authors' per-epoch ExponentialLR
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 * 1e-4 ** (e / 20) for e in range(20)], rel=1e-12)
+    assert records[0]["lr"] == 1e-2 and eval_linear.exp_lr(20, 20, 1e-2) == pytest.approx(1e-6, rel=1e-12)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_features_protocol_end_to_end(folder, backbone_pth, tmp_path):
+    """python eval_linear.py --protocol features: progress lines, log.jsonl, the probe's accuracy."""
+    out = tmp_path / "features"
+    args = common(folder, out, "--pretrained", str(backbone_pth), "--protocol", "features",
+                  "--epochs", "40", "--print-freq", "10")
+    args[args.index("--batch-size") + 1] = "1000"
+    p = run_eval(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "linear probe on features: 24 train / 12 val images, 512 features" in p.stdout
+    assert p.stdout.count("top-5") == 5   # epochs 10, 20, 30, 40, and the result
+    rec = read_log(out)
+    assert [r.get("epoch") for r in rec[:4]] == [10, 20, 30, 40]
+    assert [r["lr"] for r in rec[:4]] == pytest.approx([1e-2 * 1e-4 ** (e / 40) for e in (9, 19, 29, 39)])
+    assert rec[4]["protocol"] == "features" and rec[4]["acc1"] == rec[3]["acc1"] >= 90   # chance: 33 %
+    assert not os.path.exists(out / "checkpoint.pth")
+
+
+def test_features_protocol_encodes_each_image_once(folder, backbone_pth, tmp_path, monkeypatch):
+    """The backbone sees each training and val image once, whatever the epochs: the features
+    are computed before the probe's first epoch and reused."""
+    seen, make = [], eval_linear.resnet_backbone
+
+    def counted_backbone(*args, **kwargs):
+        net, dim = make(*args, **kwargs)
+        net.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+        return net, dim
+    monkeypatch.setattr(eval_linear, "resnet_backbone", counted_backbone)
+    result = eval_linear.main(common(folder, tmp_path / "o", "--pretrained", str(backbone_pth),
+                                     "--protocol", "features", "--epochs", "30", "--batch-size", "5"))
+    assert sum(seen) == 24 + 12 and max(seen) == 5 and result["acc1"] >= 90
+
+
+def test_protocol_defaults_and_bad_combinations(folder, tmp_path):
+    parse = eval_linear.parse_args
+    for data in ["fashion-mnist", "cifar10", "cifar100"]:
+        a = parse(["--data", data])
+        assert (a.protocol, a.epochs, a.batch_size, a.lr) == ("features", 500, 1000, 0.01)
+    a = parse(["--data", str(folder)])
+    assert (a.protocol, a.epochs, a.batch_size, a.lr, a.schedule) == ("images", 100, 256, 0.4, "step")
+    a = parse(["--data", "fashion-mnist", "--weights", "finetune"])
+    assert (a.protocol, a.epochs, a.schedule) == ("images", 20, "const")
+    assert parse(["--data", "cifar10", "--protocol", "images"]).epochs == 100
+    finetune = common(folder, tmp_path, "--protocol", "features", "--weights", "finetune")
+    assert_one_line_error(run_eval(finetune), "--protocol features", "--weights finetune")
+    assert_one_line_error(run_eval(common(folder, tmp_path, "--protocol", "features", "--schedule", "cos")),
+                          "--schedule")
 
 
 # ----------------------------------------------------------------------------- CIFAR
 def fake_cifar(root, name, n_per_batch=8, seed=0):
     """A small CIFAR folder in torchvision's on-disk format (pickled batches of 3072-byte rows,
     red plane, green plane, blue plane); returns the images as (N, 32, 32, 3) and the labels."""
-    import pickle
     rng = np.random.RandomState(seed)
     folder, files, key = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels"),
                           "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels")}[name]
@@ -1263,3 +1392,17 @@ def test_bad_data_fails_before_the_model_is_built(monkeypatch):
     with pytest.raises(SystemExit) as e:
         intl.train(intl.parse_args(["--data", "/nowhere/at/all"]))
     assert "not found" in str(e.value)
+
+
+def test_cifar_features_see_the_cifar10_test_normalisation(tmp_path, monkeypatch):
+    written = fake_cifar(str(tmp_path / "data"), "cifar100")
+    monkeypatch.chdir(tmp_path)
+    train, val, classes = eval_linear.datasets(eval_linear.parse_args(["--data", "cifar100"]), True)
+    assert (len(train), len(val), classes) == (8, 8, 100)
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.261])
+    # the CIFAR-10 mean/std for CIFAR-100 too, and no augmentation on the training images either
+    for ds, name in [(val, "test"), (train, "train")]:
+        hwc, labels = written[name]
+        img = torch.from_numpy(hwc[3]).permute(2, 0, 1).float() / 255
+        x, y = ds[3]
+        assert y == labels[3] and torch.allclose(x, (img - mean[:, None, None]) / std[:, None, None], atol=1e-6)
