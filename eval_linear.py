@@ -32,7 +32,7 @@ KNN = [("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw f
         "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]
 
 
-# ----------------------------------------------------------------------------- §9 checkpoints
+# ----------------------------------------------------------------------------- checkpoints
 def key_prefixes(state):
     """'module.backbone', 'projector', ...: what an unrecognised file holds, for the error."""
     heads = {".".join(k.split(".")[:2 if k.startswith("module.") else 1]) for k in map(str, state)}
@@ -41,7 +41,7 @@ def key_prefixes(state):
 
 def backbone_state(path, momentum_encoder=False):
     """The torchvision-format backbone state_dict in any of four layouts: our checkpoint.pth
-    (online or momentum encoder), our backbone.pth, the authors' checkpoint (§9), or a plain
+    (online or momentum encoder), our backbone.pth, the authors' checkpoint, or a plain
     torchvision state_dict (fc dropped). Also returns how the file says it was trained."""
     if not os.path.isfile(path):
         fail(f"--pretrained {path}: no such file")
@@ -93,7 +93,7 @@ def load_pretrained(backbone, args, loaded=None):
 # ----------------------------------------------------------------------------- data
 def subset_samples(list_file, root, class_to_idx):
     """(path, class) for each file named in a SimCLR subset list: one name per line, e.g.
-    n01440764_10026.JPEG in root/n01440764/, the class being the part before '_'  (§8)."""
+    n01440764_10026.JPEG in root/n01440764/, the class being the part before '_'."""
     if not os.path.isfile(list_file):
         fail(f"--train-subset {list_file}: no such file")
     with open(list_file) as f:
@@ -185,7 +185,7 @@ def knn_eval(backbone, train, val, rank, world, device, args, log):
     return result
 
 
-# ----------------------------------------------------------------------------- §8 linear / fine-tune
+# ----------------------------------------------------------------------------- linear / fine-tune
 def lr_factor(epoch, epochs, schedule):
     """const: 1 (fine-tuning); step: ×0.1 at 60 % and 80 % of the epochs (60 and 80 of 100);
     cos: a per-epoch cosine."""
@@ -232,7 +232,7 @@ def train_epoch(model, optimizer, loader, epoch, args, device, log):
 
 @torch.no_grad()
 def evaluate(backbone, head, val, rank, world, device, args):
-    """Top-1 and top-5 (%) on the whole val set: each rank scores a shard, hits summed  (§8)."""
+    """Top-1 and top-5 (%) on the whole val set: each rank scores a shard, hits summed."""
     backbone.eval()
     mem = channels_last(device)
     loader = torch.utils.data.DataLoader(shard(val, rank, world), batch_size=args.batch_size // world,
@@ -398,10 +398,10 @@ def resume_from(path, backbone, head, optimizer, args):
 
 
 def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
-    """Linear protocol or fine-tuning (§8): train, score val every epoch, checkpoint, resume."""
+    """Linear protocol or fine-tuning: train, score val every epoch, checkpoint, resume."""
     finetune = args.weights == "finetune"
     head = nn.Linear(dim, classes).to(device)
-    head.weight.data.normal_(0, 0.01)   # §8: N(0, 0.01), bias 0
+    head.weight.data.normal_(0, 0.01)   # N(0, 0.01), bias 0, as the authors
     head.bias.data.zero_()
     ddp = lambda m: nn.parallel.DistributedDataParallel(
         m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
@@ -411,7 +411,7 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
                "base_lr": (args.lr_classifier if finetune else args.lr) * scale}]
     if finetune:
         groups.append({"params": list(backbone.parameters()), "base_lr": args.lr_backbone * scale})
-    optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, weight_decay=0)   # §8: no weight decay
+    optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, weight_decay=0)   # no weight decay
 
     start_epoch, best = 0, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
