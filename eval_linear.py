@@ -23,6 +23,7 @@ from torchvision import transforms as T
 from intl import (MEAN, STD, GreyImages, channels_last, eval_transform, fail, gather, image_folder,
                   load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
                   setup_distributed, write_log)
+from run_checks import changed_settings, check_ranges, file_kind, file_sha256, make_output_dir, on_rank0
 
 
 # ----------------------------------------------------------------------------- §9 checkpoints
@@ -319,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--print-freq", type=int, default=50)
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
+    p.add_argument("--restart", action="store_true",
+                   help="start afresh even if OUTPUT_DIR/checkpoint.pth exists (it is replaced after epoch 1)")
+    p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data:
         fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
@@ -326,17 +330,34 @@ def parse_args(argv=None):
     if args.epochs is None:   # §8: 100 epochs for the linear protocol, 20 for fine-tuning
         args.epochs = 20 if finetune else 100
     args.schedule = args.schedule or ("cos" if finetune else "step")
-    for name in ["epochs", "batch_size", "knn_chunk", "print_freq"]:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive")
+    check_ranges(args, {"positive": "epochs batch_size knn_chunk print_freq lr lr_classifier",
+                        "0 or more": "subset stop_epoch workers lr_backbone"})
     return args
+
+
+# What a resumed run may change: it does not change what is computed (the backbone file may move,
+# its content may not).
+FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "restart", "stop_epoch", "knn_chunk",
+                  "pretrained", "pretrained_sha256"}
+
+
+def backbone_file(a):
+    """The backbone a run was made from, in words: its file and content hash, or a random one."""
+    return f"{a['pretrained']} (sha256 {a['pretrained_sha256'][:12]})" if a["pretrained_sha256"] else "a random backbone"
 
 
 def resume_from(path, backbone, head, optimizer, args):
     """Classifier, backbone and optimizer of an earlier run; returns its epoch and best top-1."""
-    if not os.path.isfile(path):
-        fail(f"--resume {path}: no such file")
-    ckpt = load_checkpoint(path)
+    ckpt = on_rank0(lambda: load_checkpoint(path) if os.path.isfile(path) else fail(f"--resume {path}: no such file"))
+    if not isinstance(ckpt, dict) or "best" not in ckpt:
+        fail(f"--resume {path} holds {file_kind(ckpt)}, not eval_linear.py's checkpoint.pth")
+    made = ckpt.get("args") or {}
+    diffs = changed_settings(made, vars(args), FREE_ON_RESUME)
+    if made.get("pretrained_sha256", args.pretrained_sha256) != args.pretrained_sha256:
+        diffs.insert(0, f"backbone {backbone_file(made)} -> {backbone_file(vars(args))}")
+    if diffs:
+        fail(f"checkpoint {path} was made by another run ({', '.join(diffs)}): use another --output-dir, "
+             f"or add --restart to start afresh")
     try:
         state = dict(ckpt["model"])
         head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
@@ -366,7 +387,12 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
 
     start_epoch, best = 0, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    # which backbone file this run is made from: a resume checks it is the same
+    args.pretrained_sha256 = on_rank0(lambda: file_sha256(args.pretrained)) if args.pretrained else None
+    found = on_rank0(lambda: os.path.exists(ckpt_path))
+    resume = args.resume or (ckpt_path if found and not args.restart else None)
+    if found and args.restart and not args.resume:
+        log(f"--restart: starting afresh; {ckpt_path} is replaced after the first epoch")
     if resume:
         start_epoch, best = resume_from(resume, backbone, head, optimizer, args)
         log(f"resumed from {resume} at epoch {start_epoch}")
@@ -406,6 +432,8 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.batch_size)
     log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        make_output_dir(args.output_dir)
     loaded = backbone_state(args.pretrained, args.momentum_encoder) if args.pretrained else None
     if loaded and loaded[0]["conv1.weight"].shape[-1] == 3:   # the 3×3 stem of 32-px pretraining
         args.small_images = True
@@ -419,8 +447,6 @@ def main(argv=None):
     backbone = backbone.to(device, memory_format=channels_last(device))
     backbone.requires_grad_(args.weights == "finetune" and not args.knn)
     train, val, classes = datasets(args, small_images=args.small_images or args.data == "fashion-mnist")
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
     if args.knn:
         result = knn_eval(backbone, train, val, rank, world, device, args)
         log(f"k-NN on {len(val)} val images, bank of {len(train)}: 5-NN top-1 {result['knn5_top1']:.2f}%, "

@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import gpu_aug
+from run_checks import changed_settings, check_ranges, file_kind, make_output_dir, on_rank0
 
 
 def fail(msg):
@@ -319,7 +320,8 @@ def train_dataset(args, recipe):
 def train_loader(args, recipe, rank, world, device):
     """Each rank reads its share of a global batch; the sampler reshuffles every epoch."""
     dataset = train_dataset(args, recipe)
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
+    # drop_last: N // batch steps per epoch on any number of processes (no padding repeats)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed, drop_last=True)
     per_rank = args.batch_size // world
     if len(sampler) < per_rank:
         fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
@@ -389,6 +391,16 @@ def set_rng_state(s, aug=None):
         aug.set_state(s["aug"])     # (moved between CPU and GPU: the new device's own stream)
 
 
+def resume_rng_state(states, rank, aug=None):
+    """This rank's stored streams; a rank the file has none for (more processes now) seeds its own."""
+    set_rng_state(states[rank % len(states)], aug)
+    if rank >= len(states):     # from a stored stream and the rank: never another rank's crops
+        seed = (int(torch.randint(2**31, ())) + rank) % 2**31
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        if aug is not None:
+            aug.manual_seed(int(torch.randint(2**62, ())))
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -428,9 +440,8 @@ def build_training(args, device, world):
 
 def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
     """Restore everything a checkpoint holds; returns (epoch, global step)."""
-    if not os.path.exists(path):
-        fail(f"--resume {path}: no such file")
-    ckpt = load_checkpoint(path)
+    ckpt = on_rank0(lambda: load_checkpoint(path) if os.path.exists(path) else fail(f"--resume {path}: no such file"))
+    step = check_resumable(ckpt, args, path, rank)
     try:
         online.load_state_dict(ckpt["model"])
         if target is not None:
@@ -438,12 +449,40 @@ def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
         optimizer.load_state_dict(ckpt["optimizer"])
         for g in optimizer.param_groups:   # fused on GPUs: this run's choice, not the file's
             g["fused"] = optimizer.defaults["fused"]
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])], aug)
+        if ckpt["scaler"]:       # none without fp16: a fresh one (--amp may change on resume)
+            scaler.load_state_dict(ckpt["scaler"])
+        resume_rng_state(ckpt["rng"], rank, aug)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         fail(f"checkpoint {path} does not match this run ({args.arch}, {args.method}, "
              f"--projector {args.projector}): {str(e).splitlines()[0]}")
-    return ckpt["epoch"], ckpt["step"]
+    return ckpt["epoch"], step
+
+
+# What a resumed run may change: it does not change what is computed.
+FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "stop_epoch", "amp", "compile", "gpu_aug",
+                  "seed", "benchmark", "bench_steps", "allow_changed_args"}
+
+
+def check_resumable(ckpt, args, path, rank):
+    """The step to continue from if `ckpt` is intl.py's checkpoint of this network and settings, else one
+    line on what differs. --allow-changed-args: after the file's epoch, in this run's steps and settings."""
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        fail(f"--resume {path} holds {file_kind(ckpt)}, not intl.py's checkpoint.pth")
+    made, now = ckpt.get("args") or {}, vars(args)
+    net = lambda a: (f"{a['method'].upper()} {a['arch']}{' (small images)' if a['small_images'] else ''} "
+                     f"--projector {a['projector']}")
+    if made and net(made) != net(now):
+        fail(f"checkpoint {path} does not match this run: it holds {net(made)}, this run builds {net(now)}")
+    diffs = changed_settings(made, now, FREE_ON_RESUME)
+    if diffs and not args.allow_changed_args:
+        fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): run with those, "
+             f"use another --output-dir, or add --allow-changed-args to continue with these")
+    step = ckpt["step"]      # changed: the same point of the same epoch, in this run's steps per epoch
+    step = round(step * args.steps_per_epoch / made.get("steps_per_epoch", args.steps_per_epoch)) if diffs else step
+    if diffs and rank == 0:
+        print(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt['epoch']} at step "
+              f"{step} of {args.epochs * args.steps_per_epoch} (step {ckpt['step']} in the file)")
+    return step
 
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -492,27 +531,31 @@ def to_views(batch, recipe, aug, device):
 def train(args):
     rank, world, device, recipe, k, beta = setup(args)
     log = print if rank == 0 else (lambda *a, **kw: None)
+    if rank == 0:
+        make_output_dir(args.output_dir)
     online, target, model, optimizer, scaler = build_training(args, device, world)
     seed = args.seed + rank      # augmentation differs across ranks
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
     # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
     aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
     loader = train_loader(args, recipe, rank, world, device)
+    args.steps_per_epoch = len(loader)     # saved with the args: a resume checks the data gives as many
     lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
 
     start_epoch, step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    resume = on_rank0(lambda: args.resume or (ckpt_path if os.path.exists(ckpt_path) else None))
     if resume:
         start_epoch, step = resume_from(resume, online, target, optimizer, scaler, aug, args, rank)
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views{' (GPU augmentation)' if aug else ''}, "
         f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
         f"{len(loader.dataset)} images, {len(loader)} steps/epoch, amp {args.amp}")
+    if start_epoch >= min(args.epochs, args.stop_epoch or args.epochs):
+        log(f"nothing to train: {resume} is at epoch {start_epoch}" + (f", --stop-epoch is {args.stop_epoch}"
+            if args.stop_epoch and args.stop_epoch < args.epochs else f" of {args.epochs}: the run is finished"))
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         loader.sampler.set_epoch(epoch)
         model.train()
@@ -616,13 +659,18 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="runs/intl",
                    help="checkpoint.pth, backbone.pth and log.jsonl go here")
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
+    p.add_argument("--allow-changed-args", action="store_true",
+                   help="resume a checkpoint made with other settings (batch size, epochs, lr...) with this run's")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data and not args.benchmark:
         fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
-    for name in ["epochs", "batch_size", "iters", "print_freq", "bench_steps"]:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive")
+    check_ranges(args, {"positive": "epochs batch_size iters print_freq bench_steps lr",
+                        "0 or more": "subset stop_epoch warmup_epochs workers wd beta", "in [0, 1]": "momentum"})
+    widths = args.projector.split("-")
+    if not all(w.isdigit() and int(w) > 0 for w in widths) or int(widths[-1]) < 2:
+        fail(f"--projector {args.projector}: widths are positive integers joined by '-', the last "
+             f"(the embedding) at least 2, e.g. 8192-8192-8192")
     return args
 
 
