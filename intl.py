@@ -474,12 +474,14 @@ def check_resumable(ckpt, args, path, rank):
     if made and net(made) != net(now):
         fail(f"checkpoint {path} does not match this run: it holds {net(made)}, this run builds {net(now)}")
     diffs = changed_settings(made, now, FREE_ON_RESUME)
-    if diffs and not args.allow_changed_args:
+    if not diffs:
+        return ckpt["step"]
+    if not args.allow_changed_args:
         fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): run with those, "
              f"use another --output-dir, or add --allow-changed-args to continue with these")
-    step = ckpt["step"]      # changed: the same point of the same epoch, in this run's steps per epoch
-    step = round(step * args.steps_per_epoch / made.get("steps_per_epoch", args.steps_per_epoch)) if diffs else step
-    if diffs and rank == 0:
+    # the same point of the same epoch, in this run's steps per epoch (the schedules follow step / all steps)
+    step = round(ckpt["step"] * args.steps_per_epoch / made.get("steps_per_epoch", args.steps_per_epoch))
+    if rank == 0:
         print(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt['epoch']} at step "
               f"{step} of {args.epochs * args.steps_per_epoch} (step {ckpt['step']} in the file)")
     return step
@@ -666,7 +668,7 @@ def parse_args(argv=None):
     if not args.data and not args.benchmark:
         fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
     check_ranges(args, {"positive": "epochs batch_size iters print_freq bench_steps lr",
-                        "0 or more": "subset stop_epoch warmup_epochs workers wd beta", "in [0, 1]": "momentum"})
+                        "0 or more": "subset stop_epoch warmup_epochs workers wd", "in [0, 1]": "momentum"})
     widths = args.projector.split("-")
     if not all(w.isdigit() and int(w) > 0 for w in widths) or int(widths[-1]) < 2:
         fail(f"--projector {args.projector}: widths are positive integers joined by '-', the last "

@@ -1238,10 +1238,10 @@ def test_resuming_on_more_processes_gives_each_rank_its_own_stream(paused_run, t
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "2 process(es)" in p.stdout
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)          # the global batch and the schedule kept
     a, b = ckpt["rng"]
     assert not torch.equal(a["torch"], b["torch"])
     assert not np.array_equal(a["numpy"][1], b["numpy"][1]) and a["python"] != b["python"]
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)          # the global batch and the schedule kept
 
 
 def test_rank0_decides_to_resume_and_every_rank_continues_from_what_it_read(paused_run, tmp_path):
