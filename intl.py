@@ -468,10 +468,11 @@ def check_resumable(ckpt, args, path, rank):
     line on what differs. --allow-changed-args: after the file's epoch, in this run's steps and settings."""
     if not isinstance(ckpt, dict) or "step" not in ckpt:
         fail(f"--resume {path} holds {file_kind(ckpt)}, not intl.py's checkpoint.pth")
-    made, now = ckpt.get("args") or {}, vars(args)
-    net = lambda a: (f"{a['method'].upper()} {a['arch']}{' (small images)' if a['small_images'] else ''} "
+    now = vars(args)
+    made = {**now, **(ckpt.get("args") or {})}     # what the file does not record counts as this run's
+    net = lambda a: (f"{a['method'].upper()} {a['arch']}{' (small images)' if a.get('small_images') else ''} "
                      f"--projector {a['projector']}")
-    if made and net(made) != net(now):
+    if net(made) != net(now):
         fail(f"checkpoint {path} does not match this run: it holds {net(made)}, this run builds {net(now)}")
     diffs = changed_settings(made, now, FREE_ON_RESUME)
     if not diffs:
@@ -480,7 +481,7 @@ def check_resumable(ckpt, args, path, rank):
         fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): run with those, "
              f"use another --output-dir, or add --allow-changed-args to continue with these")
     # the same point of the same epoch, in this run's steps per epoch (the schedules follow step / all steps)
-    step = round(ckpt["step"] * args.steps_per_epoch / made.get("steps_per_epoch", args.steps_per_epoch))
+    step = round(ckpt["step"] * args.steps_per_epoch / made["steps_per_epoch"])
     if rank == 0:
         print(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt['epoch']} at step "
               f"{step} of {args.epochs * args.steps_per_epoch} (step {ckpt['step']} in the file)")

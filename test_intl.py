@@ -1225,10 +1225,11 @@ def test_resume_with_other_settings_is_refused_unless_asked_and_then_rescaled(pa
                                                         "--epochs", "3")), "epochs 2 -> 3")
 
 
-def torchrun(*args, timeout=240):
+def torchrun(*args, cwd=None):
+    """Two CPU processes (gloo) under the real launcher."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd)
 
 
 def test_resuming_on_more_processes_gives_each_rank_its_own_stream(paused_run, tmp_path):
@@ -1258,9 +1259,7 @@ def test_rank0_decides_to_resume_and_every_rank_continues_from_what_it_read(paus
         "os.chdir(f\"node{os.environ['RANK']}\")\n"
         "backbone, rank = intl.train(intl.parse_args(sys.argv[1:]))\n"
         "torch.save(dict(backbone.named_parameters()), f'weights.rank{rank}.pth')\n")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port", str(free_port()), "node.py", *resume_args(data, "--output-dir", "out")],
-                       capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    p = torchrun("node.py", *resume_args(data, "--output-dir", "out"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from out/checkpoint.pth at epoch 1" in p.stdout
     ckpt = torch.load(tmp_path / "node0" / "out" / "checkpoint.pth", weights_only=False)
@@ -1297,7 +1296,8 @@ def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_p
     data, ckpt_path = paused_run
     base = resume_args(data, "--output-dir", tmp_path / "out")
     bad = [(["--projector", "abc"], "--projector abc"), (["--projector", "64-"], "--projector 64-"),
-           (["--projector", "0"], "--projector 0"), (["--workers", "-1"], "--workers must be 0 or more"),
+           (["--projector", "0"], "--projector 0"), (["--projector", "64-1"], "(the embedding) at least 2"),
+           (["--workers", "-1"], "--workers must be 0 or more"),
            (["--lr", "-1"], "--lr must be positive"), (["--lr", "nan"], "--lr must be positive"),
            (["--subset", "-20"], "--subset must be 0 or more"), (["--stop-epoch", "-1"], "--stop-epoch"),
            (["--momentum", "1.5"], "--momentum must be in [0, 1]")]
