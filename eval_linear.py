@@ -11,6 +11,7 @@ SimCLR 1 % / 10 % subsets, and k-NN.
 Modelled on Barlow Twins' evaluate.py and DINO's eval_linear.py / eval_knn.py.
 """
 import argparse
+import hashlib
 import math
 import os
 import time
@@ -21,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from intl import (CIFAR_NORM, MEAN, SMALL_DATA, STD, channels_last, eval_transform, fail, features,
-                  gather, knn_predict, labelled_images, load_checkpoint, random_subset, resnet_backbone,
-                  save_atomic, setup_distributed, write_log)
+from intl import (CIFAR_NORM, MEAN, SMALL_DATA, STD, channels_last, check_ranges, eval_transform, fail,
+                  features, file_kind, gather, knn_predict, labelled_images, load_checkpoint, make_output_dir,
+                  on_rank0, random_subset, resnet_backbone, save_atomic, setup_distributed, write_log)
 
 CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))   # the authors' test-time
 #                                                    normalisation, for CIFAR-10 and CIFAR-100 alike
@@ -356,6 +357,9 @@ def parse_args(argv=None):
                    help="steps (features: epochs) between progress lines")
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
+    p.add_argument("--restart", action="store_true",
+                   help="start afresh even if OUTPUT_DIR/checkpoint.pth exists (it is replaced after epoch 1)")
+    p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data:
         fail("--data is required (a folder in ImageNet layout, fashion-mnist, cifar10 or cifar100)")
@@ -375,17 +379,44 @@ def parse_args(argv=None):
         args.batch_size = 1000 if on_features else 256
     if args.lr is None:
         args.lr = 0.01 if on_features else 0.4
-    for name in ["epochs", "batch_size", "knn_chunk", "print_freq"]:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive")
+    check_ranges(args, {"positive": "epochs batch_size knn_chunk print_freq lr lr_classifier",
+                        "0 or more": "subset stop_epoch workers lr_backbone"})
     return args
+
+
+# What a resumed run may change: it does not change what is computed (the backbone file may move,
+# its content may not).
+FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "restart", "stop_epoch", "knn_chunk",
+                  "pretrained", "pretrained_sha256"}
+
+
+def file_sha256(path):
+    """The hex SHA-256 of a file's content, read in 16 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def backbone_file(a):
+    """The backbone a run was made from, in words: its file and content hash, or a random one."""
+    return f"{a['pretrained']} (sha256 {a['pretrained_sha256'][:12]})" if a["pretrained_sha256"] else "a random backbone"
 
 
 def resume_from(path, backbone, head, optimizer, args):
     """Classifier, backbone and optimizer of an earlier run; returns its epoch and best top-1."""
-    if not os.path.isfile(path):
-        fail(f"--resume {path}: no such file")
-    ckpt = load_checkpoint(path)
+    ckpt = on_rank0(lambda: load_checkpoint(path) if os.path.isfile(path) else fail(f"--resume {path}: no such file"))
+    if not isinstance(ckpt, dict) or "best" not in ckpt:
+        fail(f"--resume {path} holds {file_kind(ckpt)}, not eval_linear.py's checkpoint.pth")
+    made = ckpt.get("args") or {}
+    diffs = [f"{k.replace('_', '-')} {made[k]} -> {v}" for k, v in vars(args).items()
+             if k in made and k not in FREE_ON_RESUME and made[k] != v]
+    if made.get("pretrained_sha256", args.pretrained_sha256) != args.pretrained_sha256:
+        diffs.insert(0, f"backbone {backbone_file(made)} -> {backbone_file(vars(args))}")
+    if diffs:
+        fail(f"checkpoint {path} was made by another run ({', '.join(diffs)}): use another --output-dir, "
+             f"or add --restart to start afresh")
     try:
         state = dict(ckpt["model"])
         head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
@@ -415,7 +446,12 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
 
     start_epoch, best = 0, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    # which backbone file this run is made from: a resume checks it is the same
+    args.pretrained_sha256 = on_rank0(lambda: file_sha256(args.pretrained)) if args.pretrained else None
+    found = on_rank0(lambda: os.path.exists(ckpt_path))
+    resume = args.resume or (ckpt_path if found and not args.restart else None)
+    if found and args.restart and not args.resume:
+        log(f"--restart: starting afresh; {ckpt_path} is replaced after the first epoch")
     if resume:
         start_epoch, best = resume_from(resume, backbone, head, optimizer, args)
         log(f"resumed from {resume} at epoch {start_epoch}")
@@ -455,6 +491,8 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.batch_size)
     log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        make_output_dir(args.output_dir)
     loaded = backbone_state(args.pretrained, args.momentum_encoder) if args.pretrained else None
     if loaded and loaded[0]["conv1.weight"].shape[-1] == 3:   # the 3×3 stem of 32-px pretraining
         args.small_images = True
@@ -468,8 +506,6 @@ def main(argv=None):
     backbone = backbone.to(device, memory_format=channels_last(device))
     backbone.requires_grad_(args.weights == "finetune" and not args.knn)
     train, val, classes = datasets(args, small_images=args.small_images or args.data in SMALL_DATA)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
     if args.knn:
         result = knn_eval(backbone, train, val, rank, world, device, args, log)
         log(f"k-NN on {len(val)} val images, bank of {len(train)}: "

@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 import time
 from functools import partial
 from typing import NamedTuple
@@ -368,7 +369,8 @@ def train_loader(args, recipe, rank, world, device):
     else:
         dataset = labelled_images(args.data, True, views_transform(recipe))
     dataset = random_subset(dataset, args.subset)
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
+    # drop_last: N // batch steps per epoch on any number of processes (no padding repeats)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed, drop_last=True)
     per_rank = args.batch_size // world
     if len(sampler) < per_rank:
         fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
@@ -441,11 +443,48 @@ def set_rng_state(s, aug=None):
         aug.set_state(s["aug"])     # (moved between CPU and GPU: the new device's own stream)
 
 
+def resume_rng_state(states, rank, aug=None):
+    """This rank's stored streams; a rank the file has none for (more processes now) seeds its own."""
+    set_rng_state(states[rank % len(states)], aug)
+    if rank >= len(states):     # from a stored stream and the rank: never another rank's crops
+        seed = (int(torch.randint(2**31, ())) + rank) % 2**31
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        if aug is not None:
+            aug.manual_seed(int(torch.randint(2**62, ())))
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def make_output_dir(path):
+    """Create the output folder and check that it takes files, before the first step, not after it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        fail(f"--output-dir {path}: {'a file, not a folder' if os.path.isfile(path) else e.strerror or e}")
+
+
+def on_rank0(read):
+    """read() on rank 0, its result sent to every process: all act on rank 0's view of the files,
+    also where each node has an output folder of its own."""
+    box = [read() if not dist.is_initialized() or dist.get_rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def file_kind(obj):
+    """What a loaded file holds, in words, for an error."""
+    kinds = {"step": "intl.py's checkpoint.pth", "best": "eval_linear.py's checkpoint.pth",
+             "state_dict": "the authors' checkpoint", "conv1.weight": "a bare backbone, like a backbone.pth"}
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    return next((v for k, v in kinds.items() if k in obj), f"a dict of {', '.join(sorted(map(str, obj))[:4]) or 'nothing'}")
 
 
 def load_checkpoint(path):
@@ -485,11 +524,10 @@ def build_optimizer(online, args, device):
     return optimizer, scaler
 
 
-def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
+def resume_from(path, online, target, optimizer, scaler, aug, args, rank, steps_per_epoch):
     """Restore everything a checkpoint holds; returns (epoch, global step)."""
-    if not os.path.exists(path):
-        fail(f"--resume {path}: no such file")
-    ckpt = load_checkpoint(path)
+    ckpt = on_rank0(lambda: load_checkpoint(path) if os.path.exists(path) else fail(f"--resume {path}: no such file"))
+    step = check_resumable(ckpt, args, path, rank, steps_per_epoch)
     try:
         online.load_state_dict(ckpt["model"])
         if target is not None:
@@ -497,12 +535,44 @@ def resume_from(path, online, target, optimizer, scaler, aug, args, rank):
         optimizer.load_state_dict(ckpt["optimizer"])
         for g in optimizer.param_groups:   # fused on GPUs: this run's choice, not the file's
             g["fused"] = optimizer.defaults["fused"]
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])], aug)
+        if ckpt["scaler"]:       # none without fp16: a fresh one (--amp may change on resume)
+            scaler.load_state_dict(ckpt["scaler"])
+        resume_rng_state(ckpt["rng"], rank, aug)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         fail(f"checkpoint {path} does not match this run ({args.arch}, {args.method}, "
              f"--projector {args.projector}): {str(e).splitlines()[0]}")
-    return ckpt["epoch"], ckpt["step"]
+    return ckpt["epoch"], step
+
+
+# What a resumed run may change: it does not change what is computed.
+FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "stop_epoch", "amp", "compile", "gpu_aug",
+                  "seed", "knn_every", "allow_changed_args"}
+
+
+def check_resumable(ckpt, args, path, rank, steps_per_epoch):
+    """The step to continue from if `ckpt` is intl.py's checkpoint of this network and settings, else one
+    line on what differs. --allow-changed-args: after the file's epoch, in this run's steps and settings."""
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        fail(f"--resume {path} holds {file_kind(ckpt)}, not intl.py's checkpoint.pth")
+    now = {**vars(args), "steps_per_epoch": steps_per_epoch}   # the data must give as many steps
+    made = {**now, **(ckpt.get("args") or {})}     # what the file does not record counts as this run's
+    net = lambda a: (f"{a['method'].upper()} {a['arch']}{' (small images)' if a.get('small_images') else ''} "
+                     f"--projector {a['projector']}")
+    if net(made) != net(now):
+        fail(f"checkpoint {path} does not match this run: it holds {net(made)}, this run builds {net(now)}")
+    diffs = [f"{k.replace('_', '-')} {made[k]} -> {v}" for k, v in now.items()
+             if k not in FREE_ON_RESUME and made[k] != v]
+    if not diffs:
+        return ckpt["step"]
+    if not args.allow_changed_args:
+        fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): run with those, "
+             f"use another --output-dir, or add --allow-changed-args to continue with these")
+    # the same point of the same epoch, in this run's steps per epoch (the schedules follow step / all steps)
+    step = round(ckpt["step"] * steps_per_epoch / made["steps_per_epoch"])
+    if rank == 0:
+        print(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt['epoch']} at step "
+              f"{step} of {args.epochs * steps_per_epoch} (step {ckpt['step']} in the file)")
+    return step
 
 
 def autocast_dtype(amp, device, data):
@@ -572,6 +642,8 @@ def to_views(batch, recipe, aug, device):
 def train(args):
     rank, world, device = setup_distributed(args.batch_size)
     log = print if rank == 0 else (lambda *a, **kw: None)
+    if rank == 0:
+        make_output_dir(args.output_dir)
     recipe, amp, k = crop_recipe(args), autocast_dtype(args.amp, device, args.data), whitened_count(args)
     beta = trace_loss_weight(k) if args.beta is None else args.beta
     seed = args.seed + rank      # augmentation differs across ranks; the weights do not (build_model)
@@ -587,16 +659,17 @@ def train(args):
 
     start_epoch, step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    resume = on_rank0(lambda: args.resume or (ckpt_path if os.path.exists(ckpt_path) else None))
     if resume:
-        start_epoch, step = resume_from(resume, online, target, optimizer, scaler, aug, args, rank)
+        start_epoch, step = resume_from(resume, online, target, optimizer, scaler, aug, args, rank, len(loader))
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views{' (GPU augmentation)' if aug else ''}, "
         f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
         f"{len(loader.dataset)} images, {len(loader)} steps/epoch, autocast {amp or 'off'}")
+    if start_epoch >= min(args.epochs, args.stop_epoch or args.epochs):
+        log(f"nothing to train: {resume} is at epoch {start_epoch}" + (f", --stop-epoch is {args.stop_epoch}"
+            if args.stop_epoch and args.stop_epoch < args.epochs else f" of {args.epochs}: the run is finished"))
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         loader.sampler.set_epoch(epoch)
         forward.train()
@@ -644,7 +717,8 @@ def train(args):
             save_atomic({"model": online.state_dict(),
                          "target": target.state_dict() if target is not None else None,
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "step": step, "args": vars(args), "rng": rngs},
+                         "epoch": epoch + 1, "step": step, "rng": rngs,
+                         "args": {**vars(args), "steps_per_epoch": len(loader)}},
                         ckpt_path)
             save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
     if world > 1:
@@ -714,6 +788,18 @@ QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "
                "--print-freq", "10", "--knn-every", "1", "--output-dir", "runs/quick-start"]
 
 
+RANGES = {"positive": lambda v: v > 0, "0 or more": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+def check_ranges(args, rules):
+    """rules {"positive": "epochs lr", ...}: one line for the first number out of its range (NaN too)."""
+    for rule, names in rules.items():
+        for name in names.split():
+            v = getattr(args, name)
+            if v is not None and not RANGES[rule](v):
+                fail(f"--{name.replace('_', '-')} must be {rule}, not {v}")
+
+
 CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -755,13 +841,18 @@ def parse_args(argv=None, need_data=True):
     p.add_argument("--output-dir", default="runs/intl",
                    help="checkpoint.pth, backbone.pth and log.jsonl go here")
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
+    p.add_argument("--allow-changed-args", action="store_true",
+                   help="resume a checkpoint made with other settings (batch size, epochs, lr...) with this run's")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data and need_data:
         fail("--data is required (a folder in ImageNet layout, fashion-mnist, cifar10 or cifar100)")
-    for name in ["epochs", "batch_size", "iters", "print_freq"]:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be positive")
+    check_ranges(args, {"positive": "epochs batch_size iters print_freq lr",
+                        "0 or more": "subset stop_epoch warmup_epochs workers wd knn_every", "in [0, 1]": "momentum"})
+    widths = args.projector.split("-")
+    if not all(w.isdigit() and int(w) > 0 for w in widths) or int(widths[-1]) < 2:
+        fail(f"--projector {args.projector}: widths are positive integers joined by '-', the last "
+             f"(the embedding) at least 2, e.g. 8192-8192-8192")
     args.small_images = args.small_images or args.data in CIFAR_NORM    # their 3x3 stem
     return args
 

@@ -1124,7 +1124,7 @@ def test_resume_keeps_this_runs_fused_optimizer(tmp_path):
     fused = torch.optim.SGD(intl.param_groups(online, 1e-4), lr=0.1, momentum=0.9, fused=True)
     scaler = torch.amp.GradScaler("cpu")
     args = argparse.Namespace(arch="tiny", method="intl", projector="16-12")
-    assert intl.resume_from(tmp_path / "c.pth", online, None, fused, scaler, None, args, 0) == (1, 1)
+    assert intl.resume_from(tmp_path / "c.pth", online, None, fused, scaler, None, args, 0, 1) == (1, 1)
     assert all(g["fused"] for g in fused.param_groups)
     scaler.scale(online(torch.randn(4, 3, 8, 8)[None].unbind())[0].sum()).backward()
     scaler.step(fused)
@@ -1406,3 +1406,188 @@ def test_cifar_features_see_the_cifar10_test_normalisation(tmp_path, monkeypatch
         img = torch.from_numpy(hwc[3]).permute(2, 0, 1).float() / 255
         x, y = ds[3]
         assert y == labels[3] and torch.allclose(x, (img - mean[:, None, None]) / std[:, None, None], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- resuming: only the run that made it
+def resume_args(data, *extra):
+    """7 images, batch 4: one step per epoch on one process and on two (7 // 4)."""
+    return ["--data", str(data), "--arch", "resnet18", "--small-images", "--projector", "64-64", "--workers", "0",
+            "--print-freq", "1", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def paused_run(tmp_path_factory):
+    """A real one-process INTL checkpoint after epoch 1 of 2 (7 images), and its data folder."""
+    root = tmp_path_factory.mktemp("paused")
+    data = image_folder(str(root / "data"), n_per_class=4, size=32)
+    os.remove(os.path.join(data, "train", "class1", "img3.jpg"))
+    train_in_process(*resume_args(data, "--stop-epoch", "1", "--output-dir", root / "out"))
+    return data, root / "out" / "checkpoint.pth"
+
+
+def copy_checkpoint(paused_run, out):
+    os.makedirs(out, exist_ok=True)
+    (out / "checkpoint.pth").write_bytes(paused_run[1].read_bytes())
+    return out
+
+
+def on_one_thread(run, *argv):
+    """run(argv) in this process (no interpreter start-up) on one thread, as torchrun's processes
+    run: two threads on two busy cores spin, ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(list(map(str, argv)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_in_process(*argv):
+    """intl.py's training as its command line runs it."""
+    return on_one_thread(lambda a: intl.train(intl.parse_args(a)), *argv)
+
+
+def one_line_exit(call, *words):
+    """`call` stops as intl.fail does: SystemExit with a one-line message holding `words`."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_resume_with_other_settings_is_refused_unless_asked_and_then_rescaled(paused_run, tmp_path, capsys):
+    data, _ = paused_run
+    out = copy_checkpoint(paused_run, tmp_path / "out")
+    good = sha(out / "checkpoint.pth")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--lr", "0.1")),
+                  "batch-size 4 -> 2, lr 0.3 -> 0.1", "steps-per-epoch 1 -> 3", "--allow-changed-args")
+    assert sha(out / "checkpoint.pth") == good
+    # asked: the step moves to the same point of the schedule (epoch 1 of 2 = step 3 of 6), not 1 of 6
+    train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--allow-changed-args"))
+    assert "continuing after epoch 1 at step 3 of 6 (step 1 in the file)" in capsys.readouterr().out
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
+    lrs = [r["lr"] for r in read_log(out) if "lr" in r]
+    assert lrs[-3:] == [intl.learning_rate(s, 6, 0, 0.3 * 2 / 256) for s in (3, 4, 5)]
+    # finished: said, nothing trained, nothing written; settings that do not change the maths pass
+    good = sha(out / "checkpoint.pth")
+    train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--print-freq", "5", "--seed", "3"))
+    assert "is at epoch 2 of 2: the run is finished" in capsys.readouterr().out
+    assert sha(out / "checkpoint.pth") == good
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2",
+                                                        "--epochs", "3")), "epochs 2 -> 3")
+
+
+def torchrun(*args, cwd=None):
+    """Two CPU processes (gloo) under the real launcher."""
+    cmd = [*TORCHRUN, "--nproc_per_node=2", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd)
+
+
+def test_resuming_on_more_processes_gives_each_rank_its_own_stream(paused_run, tmp_path):
+    data, _ = paused_run
+    out = copy_checkpoint(paused_run, tmp_path / "out")
+    p = torchrun(os.path.join(HERE, "intl.py"), *resume_args(data, "--output-dir", out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "2 process(es)" in p.stdout
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    a, b = ckpt["rng"]
+    assert not torch.equal(a["torch"], b["torch"])
+    assert not np.array_equal(a["numpy"][1], b["numpy"][1]) and a["python"] != b["python"]
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)          # the global batch and the schedule kept
+
+
+def test_rank0_decides_to_resume_and_every_rank_continues_from_what_it_read(paused_run, tmp_path):
+    """Two nodes without a shared disk: the same --output-dir is a folder of each node's own, and
+    only node 0's holds the checkpoint. Each rank runs in its node's folder."""
+    data, _ = paused_run
+    for r in (0, 1):
+        os.makedirs(tmp_path / f"node{r}" / "out")
+    copy_checkpoint(paused_run, tmp_path / "node0" / "out")
+    (tmp_path / "node.py").write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import intl\n"
+        "os.chdir(f\"node{os.environ['RANK']}\")\n"
+        "backbone, rank = intl.train(intl.parse_args(sys.argv[1:]))\n"
+        "torch.save(dict(backbone.named_parameters()), f'weights.rank{rank}.pth')\n")
+    p = torchrun("node.py", *resume_args(data, "--output-dir", "out"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from out/checkpoint.pth at epoch 1" in p.stdout
+    ckpt = torch.load(tmp_path / "node0" / "out" / "checkpoint.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)
+    w0, w1 = (torch.load(tmp_path / f"node{r}" / f"weights.rank{r}.pth") for r in (0, 1))
+    for key in w0:      # DDP keeps the weights of ranks equal only if they started equal
+        assert torch.equal(w0[key], w1[key]), key
+    assert os.listdir(tmp_path / "node1" / "out") == []
+
+
+def test_eval_refuses_a_checkpoint_made_from_another_backbone(folder, backbone_pth, tmp_path, capsys):
+    out = tmp_path / "linear"
+    linear = ["--epochs", "1", "--schedule", "cos"]
+    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(backbone_pth), *linear))
+    other = tmp_path / "other" / "backbone.pth"
+    other.parent.mkdir()
+    torch.save(probe_backbone(folder, seed=1).state_dict(), other)
+    msg = one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear)),
+                        f"backbone {backbone_pth} (sha256 {sha(backbone_pth)[:12]}) -> {other} (sha256 {sha(other)[:12]})",
+                        "--restart")
+    assert torch.load(out / "checkpoint.pth")["args"]["pretrained"] == str(backbone_pth), msg
+    # asked: it starts afresh from the new backbone, and says so
+    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear, "--restart"))
+    assert "--restart: starting afresh" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pth")["args"]["pretrained_sha256"] == sha(other)
+    # the same content at another path is the same backbone: resumed (and finished)
+    moved = tmp_path / "moved.pth"
+    moved.write_bytes(other.read_bytes())
+    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(moved), *linear))
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_path):
+    data, ckpt_path = paused_run
+    base = resume_args(data, "--output-dir", tmp_path / "out")
+    bad = [(["--projector", "abc"], "--projector abc"), (["--projector", "64-"], "--projector 64-"),
+           (["--projector", "0"], "--projector 0"), (["--projector", "64-1"], "(the embedding) at least 2"),
+           (["--workers", "-1"], "--workers must be 0 or more"),
+           (["--lr", "-1"], "--lr must be positive"), (["--lr", "nan"], "--lr must be positive"),
+           (["--subset", "-20"], "--subset must be 0 or more"), (["--stop-epoch", "-1"], "--stop-epoch"),
+           (["--momentum", "1.5"], "--momentum must be in [0, 1]")]
+    for extra, words in bad:
+        one_line_exit(lambda: intl.parse_args(base + extra), words)
+    assert_one_line_error(run_intl(*base, "--projector", "64-", check=False), "--projector 64-")
+    for extra, words in [(["--workers", "-1"], "--workers"), (["--lr", "-1"], "--lr"), (["--subset", "-20"], "--subset"),
+                         (["--stop-epoch", "-1"], "--stop-epoch"), (["--epochs", "x"], "--epochs")]:
+        one_line_exit(lambda: eval_linear.parse_args(["--data", str(data)] + extra), words)
+    # the output folder is checked before any work
+    (tmp_path / "a-file").write_text("")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", tmp_path / "a-file")),
+                  "a-file: a file, not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    unwritable = locked if not os.access(locked, os.W_OK) else "/sys"    # root writes anywhere but in /sys
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", unwritable)), f"--output-dir {unwritable}")
+    # files of the wrong kind say what they are and what the run expected
+    out = copy_checkpoint(paused_run, tmp_path / "kinds")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--method", "intl-m")),
+                  "it holds INTL resnet18 (small images) --projector 64-64, this run builds INTL-M resnet18")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--projector", "32-64")),
+                  "--projector 64-64, this run builds INTL resnet18 (small images) --projector 32-64")
+    torch.save(resnet_backbone("resnet18", True)[0].state_dict(), tmp_path / "backbone.pth")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--resume", tmp_path / "backbone.pth")),
+                  "holds a bare backbone", "not intl.py's checkpoint.pth")
+    one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, tmp_path / "e", "--resume", ckpt_path)),
+                  "holds intl.py's checkpoint.pth, not eval_linear.py's")
+    # --amp off -> fp16 is a valid switch: a fresh GradScaler, which then steps the resumed SGD
+    args = intl.parse_args(resume_args(data, "--output-dir", out, "--amp", "fp16"))
+    online, _, target = intl.build_model(args, torch.device("cpu"), 1)
+    optimizer, scaler = intl.build_optimizer(online, args, torch.device("cpu"))
+    assert intl.resume_from(ckpt_path, online, target, optimizer, scaler, None, args, 0, 1) == (1, 1)
+    assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    before = online.projector[0].weight.detach().clone()
+    scaler.scale(online.projector(torch.randn(4, 512)).pow(2).sum()).backward()
+    scaler.step(optimizer)
+    assert not torch.equal(before, online.projector[0].weight)
