@@ -1476,3 +1476,22 @@ def test_end_to_end_transform_writes_the_spectrum_per_epoch(tmp_path, transform)
             assert after == pytest.approx([1, 1, 1, 1], rel=1e-3) and before[-1] < 0.5 * before[0]
     epochs = [json.loads(line) for line in open(out / "log.jsonl") if "iternorm" in line]
     assert epochs[0]["projector"]["erank"] > 1 and "eigenvalues" not in epochs[0]["projector"]
+
+
+# ----------------------------------------------------------------------------- figures
+def test_figures_from_a_real_fashion_mnist_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run_intl("--data", "fashion-mnist", "--subset", "8", *SMALL, "--batch-size", "4", "--epochs", "2",
+             "--output-dir", run)
+    for figure, runs in [("maths", []), ("spectrum", [run]), ("ablation", [run, run])]:
+        out = tmp_path / "docs" / f"{figure}.png"
+        subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), figure, *map(str, runs), "--out", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        with Image.open(out) as img:
+            img.load()                        # decodes
+            assert img.width > 300 and img.height > 200
+        assert os.path.getsize(out) < 200 * 1024
+    p = subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), "spectrum", str(tmp_path), "--out",
+                        str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "spectrum.jsonl not found" in p.stderr
