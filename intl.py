@@ -78,6 +78,20 @@ def iter_norm(z, iters=4, whiten="channel"):
         return y if whiten == "channel" else y.T
 
 
+def spectral_transform(z, power=0.5, whiten="channel", eps=1e-12):
+    """Spectral Transformation Ŷ = U Λ^-p U^T Zc / sqrt(trΣ), Σ/trΣ = U Λ U^T, in float64.
+
+    λ is clamped at eps before the power: a (near-)zero eigenvalue is treated as eps, which keeps
+    the output finite (its direction has no variance to amplify) and caps λ^-p at eps^-p."""
+    with torch.autocast(z.device.type, enabled=False):
+        x = whitened_variables(z.double(), whiten)
+        cov = x @ x.T / (x.shape[1] - 1)
+        trace = cov.diagonal().sum()
+        lam, u = torch.linalg.eigh(cov / trace)
+        y = (u * lam.clamp_min(eps) ** -power) @ u.T @ x / trace.sqrt()
+        return (y if whiten == "channel" else y.T).to(torch.promote_types(z.dtype, torch.float32))
+
+
 # ----------------------------------------------------------------------------- trace loss
 def trace_loss(y, whiten="channel"):
     """TL(Ŷ) = Σ_j (v_j - 1)², v_j the unbiased variance of whitened variable j."""
@@ -153,10 +167,10 @@ def gather(z):
     return z
 
 
-def spectrum(z, whiten="channel"):
+def spectrum(z, whiten="channel", with_eigenvalues=False):
     """Condition number λmax/λmin (capped at 1e12: singular) and effective rank
     exp(entropy(λ/Σλ)) of the covariance of the whitened variables -- the paper's
-    view of collapse."""
+    view of collapse -- and, if asked, its eigenvalues λ, largest first."""
     x = whitened_variables(z.detach().double().cpu(), whiten)
     k, n = x.shape
     lam = torch.linalg.eigvalsh((x @ x.T if k <= n else x.T @ x) / (n - 1)).clamp_min(0)
@@ -164,7 +178,10 @@ def spectrum(z, whiten="channel"):
     p = lam / lam.sum()
     erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
     cond = (lam.max() / lam.min().clamp_min(lam.max() * 1e-12)).item()
-    return {"cond": cond, "erank": erank}
+    out = {"cond": cond, "erank": erank}
+    if with_eigenvalues:
+        out["eigenvalues"] = [float(f"{v:.5g}") for v in lam.flip(0).tolist()]
+    return out
 
 
 # ----------------------------------------------------------------------------- networks
@@ -597,7 +614,7 @@ def train_step(forward, online, target, optimizer, scaler, views, m, beta, amp, 
                 z_target = gather(target(views[:1])[0])
             views = views[1:]
         zs = [gather(z) for z in forward(views)]
-        loss, distance, tl = intl_loss(zs, z_target, beta, args.whiten, partial(iter_norm, iters=args.iters))
+        loss, distance, tl = intl_loss(zs, z_target, beta, args.whiten, whitening(args))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -621,8 +638,11 @@ def whitened_count(args):
 
 
 def whitening(args):
-    """The transform of each view's embedding: IterNorm with T = --iters Newton iterations."""
-    return partial(iter_norm, iters=args.iters)
+    """The transform of each view's embedding: IterNorm with T = --iters Newton iterations, the
+    Spectral Transformation λ^-p (p = --power), or none (the identity: plain nmse, the collapse baseline)."""
+    if args.transform == "power":
+        return partial(spectral_transform, power=args.power)
+    return partial(iter_norm, iters=args.iters) if args.transform == "iternorm" else lambda z, whiten=None: z
 
 
 def channels_last(device):
@@ -645,7 +665,7 @@ def train(args):
     if rank == 0:
         make_output_dir(args.output_dir)
     recipe, amp, k = crop_recipe(args), autocast_dtype(args.amp, device, args.data), whitened_count(args)
-    beta = trace_loss_weight(k) if args.beta is None else args.beta
+    beta = (trace_loss_weight(k) if args.transform != "none" else 0.0) if args.beta is None else args.beta
     seed = args.seed + rank      # augmentation differs across ranks; the weights do not (build_model)
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
     loader = train_loader(args, recipe, rank, world, device)    # a bad --data fails before the model
@@ -700,12 +720,14 @@ def train(args):
 
         # the epoch's last batch, before and after IterNorm (read before any later step: CUDA
         # graphs reuse their output memory)
-        rec = {"epoch": epoch + 1, "step": step, "projector": spectrum(embedding, args.whiten),
-               "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten)}
+        rec = {"epoch": epoch + 1, "step": step, "projector": spectrum(embedding, args.whiten, True),
+               "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten, True)}
+        write_log(args, rank, {"epoch": epoch + 1, "before": rec["projector"].pop("eigenvalues"),
+                               "after": rec["iternorm"].pop("eigenvalues")}, "spectrum.jsonl")
         if monitor and (epoch + 1) % args.knn_every == 0:
             rec["knn5_top1"] = knn_top1(online.backbone, monitor, device)
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {rec['projector']['cond']:.3g}/"
-            f"{rec['projector']['erank']:.1f}, IterNorm output {rec['iternorm']['cond']:.3g}/"
+            f"{rec['projector']['erank']:.1f}, {args.transform} output {rec['iternorm']['cond']:.3g}/"
             f"{rec['iternorm']['erank']:.1f} of {k}"
             + (f"; 5-NN top-1 {rec['knn5_top1']:.1f}%" if "knn5_top1" in rec else ""), flush=True)
         write_log(args, rank, rec)
@@ -726,10 +748,10 @@ def train(args):
     return online.backbone, rank
 
 
-def write_log(args, rank, rec):
-    """One JSON object per line in OUTPUT_DIR/log.jsonl, from rank 0."""
+def write_log(args, rank, rec, name="log.jsonl"):
+    """One JSON object per line in OUTPUT_DIR/NAME, from rank 0."""
     if rank == 0:
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+        with open(os.path.join(args.output_dir, name), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
 
@@ -814,7 +836,11 @@ def parse_args(argv=None, need_data=True):
     p.add_argument("--whiten", choices=["channel", "batch"], default="channel",
                    help="whiten the samples (channel) or the features (batch)")
     p.add_argument("--iters", type=int, default=4, help="Newton iterations T")
-    p.add_argument("--beta", type=float, default=None, help="trace-loss weight β (None: 0.01 (log2 k - 3), k the global batch or the embedding dim)")
+    p.add_argument("--transform", choices=["iternorm", "power", "none"], default="iternorm",
+                   help="IterNorm (INTL), the Spectral Transformation λ^-p by float64 eigendecomposition, or "
+                        "none: plain nmse on the projector output, the collapse baseline (β defaults to 0)")
+    p.add_argument("--power", type=float, default=0.5, help="p of --transform power (0.5: ZCA whitening)")
+    p.add_argument("--beta", type=float, default=None, help="trace-loss weight β (None: 0.01 (log2 k - 3), k the global batch or the embedding dim; 0 for --transform none)")
     p.add_argument("--momentum", type=float, default=0.996, help="INTL-M start momentum m0")
     p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
     p.add_argument("--small-images", action="store_true", help="32-px data: 3x3 stem and the 32-px crops")

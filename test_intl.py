@@ -1593,3 +1593,92 @@ def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_p
     scaler.scale(online.projector(torch.randn(4, 512)).pow(2).sum()).backward()
     scaler.step(optimizer)
     assert not torch.equal(before, online.projector[0].weight)
+
+
+# ----------------------------------------------------------------------------- Spectral Transformation
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_spectral_transform_half_power_is_zca_whitening(whiten):
+    shape = (12, 20) if whiten == "channel" else (20, 12)    # fewer variables than observations
+    z = torch.randn(*shape, dtype=torch.float64) @ torch.randn(shape[1], shape[1], dtype=torch.float64)
+    x = (z - z.mean(1, keepdims=True)) if whiten == "channel" else (z - z.mean(0, keepdims=True)).T
+    sigma = x.numpy() @ x.numpy().T / (x.shape[1] - 1)
+    lam, u = np.linalg.eigh(sigma)                      # ZCA: Σ^-1/2 x, unnormalised
+    zca = torch.from_numpy(u @ np.diag(lam ** -0.5) @ u.T @ x.numpy())
+    y = intl.spectral_transform(z, 0.5, whiten)
+    assert torch.allclose(y, zca if whiten == "channel" else zca.T, atol=1e-9)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_spectral_transform_zero_power_only_rescales(whiten):
+    z = torch.randn(10, 16, dtype=torch.float64)
+    zc = z - z.mean(1 if whiten == "channel" else 0, keepdims=True)
+    trace = (zc ** 2).sum() / ((16 if whiten == "channel" else 10) - 1)
+    assert torch.allclose(intl.spectral_transform(z, 0.0, whiten), zc / trace.sqrt(), atol=1e-12)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+@pytest.mark.parametrize("power", [0.25, 0.75])
+def test_spectral_transform_output_spectrum_is_lambda_to_1_minus_2p(whiten, power):
+    lam = torch.tensor([3.0, 1.5, 1.0, 0.6, 0.3, 0.1], dtype=torch.float64)
+    y = intl.spectral_transform(with_eigenvalues(lam, 40, whiten), power, whiten)
+    x = intl.whitened_variables(y, whiten)
+    got = torch.linalg.eigvalsh(x @ x.T / (x.shape[1] - 1))
+    assert torch.allclose(got, torch.sort((lam / lam.sum()) ** (1 - 2 * power)).values, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_spectral_transform_gradient_matches_finite_differences(whiten):
+    lam = torch.tensor([3.0, 1.5, 0.8, 0.4, 0.1], dtype=torch.float64)     # well separated
+    z = with_eigenvalues(lam, 8, whiten).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: intl.spectral_transform(t, 0.25, whiten), (z,))
+
+
+def test_spectral_transform_clamps_null_eigenvalues_to_stay_finite():
+    # 16 samples of 4 features: channel whitening's 16 × 16 covariance has rank 3 (< 16)
+    z = torch.randn(16, 4, dtype=torch.float64)
+    assert not torch.isfinite(intl.spectral_transform(z, 0.5, eps=0.0)).all()    # 0^-p: the blow-up
+    y = intl.spectral_transform(z, 0.5)
+    assert torch.isfinite(y).all()
+    x = intl.whitened_variables(y, "channel")
+    got = torch.linalg.eigvalsh(x @ x.T / 3)
+    # the 3 real directions are whitened (λ^0 = 1); the 13 null ones stay (numerically) empty
+    assert torch.allclose(got[-3:], torch.ones(3, dtype=torch.float64), atol=1e-6) and got[:-3].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("transform", ["power", "none"])
+def test_end_to_end_transform_writes_the_spectrum_per_epoch(tmp_path, transform):
+    data = image_folder(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    p = run_intl("--data", data, *SMALL, "--batch-size", "4", "--epochs", "2", "--transform", transform,
+                 "--output-dir", out)
+    assert f"{transform} output" in p.stdout and ("beta 0.0000" in p.stdout) == (transform == "none")
+    lines = [json.loads(line) for line in open(out / "spectrum.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        before, after = r["before"], r["after"]
+        assert len(before) == len(after) == 4 and before == sorted(before, reverse=True) and before[0] > 0
+        if transform == "none":        # the identity: the same eigenvalues
+            assert after == before
+        else:                          # ZCA (p = 0.5): every direction at 1
+            assert after == pytest.approx([1, 1, 1, 1], rel=1e-3) and before[-1] < 0.5 * before[0]
+    epochs = [json.loads(line) for line in open(out / "log.jsonl") if "iternorm" in line]
+    assert epochs[0]["projector"]["erank"] > 1 and "eigenvalues" not in epochs[0]["projector"]
+
+
+# ----------------------------------------------------------------------------- figures
+def test_figures_from_a_real_fashion_mnist_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run_intl("--data", "fashion-mnist", "--subset", "8", *SMALL, "--batch-size", "4", "--epochs", "2",
+             "--output-dir", run)
+    for figure, runs in [("maths", []), ("spectrum", [run]), ("ablation", [run, run])]:
+        out = tmp_path / "docs" / f"{figure}.png"
+        subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), figure, *map(str, runs), "--out", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        with Image.open(out) as img:
+            img.load()                        # decodes
+            assert img.width > 300 and img.height > 200
+        assert os.path.getsize(out) < 200 * 1024
+    p = subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), "spectrum", str(tmp_path), "--out",
+                        str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "spectrum.jsonl not found" in p.stderr
