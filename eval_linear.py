@@ -20,9 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+import faults
+from faults import save_atomic
 from intl import (MEAN, STD, GreyImages, channels_last, eval_transform, fail, gather, image_folder,
-                  load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone, save_atomic,
+                  load_checkpoint, load_fashion_mnist, random_subset, resnet_backbone,
                   setup_distributed, write_log)
+
+# unreadable images: replaced in their batches, reported once, counted per epoch (--max-bad-files)
+UNREADABLE = faults.Unreadable(max_fraction=0.01)
 
 
 # ----------------------------------------------------------------------------- §9 checkpoints
@@ -154,9 +159,10 @@ def bf16(device):
 def features(backbone, dataset, device, batch_size=512, workers=0):
     """L2-normalised features of a frozen backbone (eval mode), and the labels."""
     backbone.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=faults.collate)
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in UNREADABLE.batches(loader):
         feats.append(F.normalize(backbone(x.to(device)).float(), dim=1))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
@@ -248,7 +254,7 @@ def train_epoch(model, optimizer, loader, epoch, args, device, log):
     model.train(finetune)   # linear protocol: the whole backbone stays in eval mode (BN frozen)
     mem = channels_last(device)
     total, t_last, seen = 0.0, time.time(), 0
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y) in enumerate(UNREADABLE.batches(loader)):
         x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
         loss = F.cross_entropy(logits(model, x, finetune), y)
         optimizer.zero_grad(set_to_none=True)
@@ -270,9 +276,10 @@ def evaluate(backbone, head, val, rank, world, device, args):
     backbone.eval()
     mem = channels_last(device)
     loader = torch.utils.data.DataLoader(shard(val, rank, world), batch_size=args.batch_size // world,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=faults.collate)
     hits = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in loader:
+    for x, y in UNREADABLE.batches(loader):
         x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
         with bf16(device):
             f = backbone(x)
@@ -319,6 +326,8 @@ def parse_args(argv=None):
     p.add_argument("--print-freq", type=int, default=50)
     p.add_argument("--output-dir", default="runs/eval")
     p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
+    p.add_argument("--max-bad-files", type=float, default=0.01,
+                   help="stop when more than this fraction of a pass's images are unreadable")
     args = p.parse_args(argv)
     if not args.data:
         fail("--data is required (a folder in ImageNet layout, or fashion-mnist)")
@@ -370,9 +379,12 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
     if resume:
         start_epoch, best = resume_from(resume, backbone, head, optimizer, args)
         log(f"resumed from {resume} at epoch {start_epoch}")
+        if rank == 0:     # a run killed after its log line but before its save
+            faults.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "epoch", start_epoch)
     sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=faults.collate)
     log(f"{'fine-tuning' if finetune else 'linear protocol'}: {len(train)} train / {len(val)} val "
         f"images, {classes} classes, {world} process(es) on {device.type}, batch {args.batch_size}, "
         f"{args.epochs} epochs ({args.schedule})", flush=True)
@@ -382,16 +394,19 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
         sampler.set_epoch(epoch)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(epoch, args.epochs, args.schedule)
+        UNREADABLE.count = 0
         loss = train_epoch(model, optimizer, loader, epoch, args, device, log)
         acc1, acc5 = evaluate(backbone, head, val, rank, world, device, args)
         if acc1 > best["acc1"]:
             best = {"acc1": acc1, "acc5": acc5, "epoch": epoch + 1}
             if rank == 0:
                 save_atomic(full_state(backbone, head), os.path.join(args.output_dir, "best.pth"))
+        bad = int(sum_over_ranks(torch.tensor(UNREADABLE.count, device=device)))
         rec = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "acc1": acc1,
-               "acc5": acc5, "best_acc1": best["acc1"], "time": time.time() - t0}
+               "acc5": acc5, "best_acc1": best["acc1"], "time": time.time() - t0, "unreadable": bad}
         log(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f} top-1 {acc1:.2f}% top-5 {acc5:.2f}% "
-            f"(best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}) {rec['time']:.0f} s", flush=True)
+            f"(best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}) {rec['time']:.0f} s"
+            + (f", {bad} unreadable images replaced" if bad else ""), flush=True)
         write_log(args, rank, rec)
         if rank == 0:
             save_atomic({"model": full_state(backbone, head), "optimizer": optimizer.state_dict(),
@@ -421,6 +436,8 @@ def main(argv=None):
     train, val, classes = datasets(args, small_images=args.small_images or args.data == "fashion-mnist")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        faults.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
+    UNREADABLE.max_fraction = args.max_bad_files
     if args.knn:
         result = knn_eval(backbone, train, val, rank, world, device, args)
         log(f"k-NN on {len(val)} val images, bank of {len(train)}: 5-NN top-1 {result['knn5_top1']:.2f}%, "

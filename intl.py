@@ -30,6 +30,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as T
 
+import faults
 import gpu_aug
 
 
@@ -155,7 +156,10 @@ def spectrum(z, whiten="channel"):
     view of collapse."""
     x = whitened_variables(z.detach().double().cpu(), whiten)
     k, n = x.shape
-    lam = torch.linalg.eigvalsh((x @ x.T if k <= n else x.T @ x) / (n - 1)).clamp_min(0)
+    cov = (x @ x.T if k <= n else x.T @ x) / (n - 1)
+    if not torch.isfinite(cov).all():      # the batch of a skipped step (loss not finite)
+        return {"cond": math.nan, "erank": math.nan}
+    lam = torch.linalg.eigvalsh(cov).clamp_min(0)
     lam = torch.cat([lam, lam.new_zeros(k - len(lam))])   # the Gram misses k - n zeros
     p = lam / lam.sum()
     erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
@@ -295,12 +299,13 @@ class GreyImages(torch.utils.data.Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def image_folder(root, transform, loader=torchvision.datasets.folder.default_loader):
-    """torchvision ImageFolder with one-line errors for a missing or empty folder."""
+def image_folder(root, transform, loader=faults.load_rgb):
+    """torchvision ImageFolder with one-line errors for a missing or empty folder; an unreadable
+    file's slot goes to another image (items: image, label, problem; faults.SkipUnreadable)."""
     if not os.path.isdir(root):
         fail(f"{root} not found: --data DIR must hold DIR/train/<class>/<image> (ImageNet layout)")
     try:
-        return torchvision.datasets.ImageFolder(root, transform, loader=loader)
+        return faults.SkipUnreadable(root, transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"no images in {root}: {str(e).splitlines()[0]}")
 
@@ -311,22 +316,25 @@ def train_dataset(args, recipe):
     if args.data == "fashion-mnist":
         ds = GreyImages(*load_fashion_mnist(train=True), transform)
     else:
-        loader = gpu_aug.load_capped if args.gpu_aug else torchvision.datasets.folder.default_loader
+        loader = gpu_aug.load_capped if args.gpu_aug else faults.load_rgb
         ds = image_folder(os.path.join(args.data, "train"), transform, loader)
     return random_subset(ds, args.subset)
 
 
 def train_loader(args, recipe, rank, world, device):
-    """Each rank reads its share of a global batch; the sampler reshuffles every epoch."""
+    """Each rank reads its share of a global batch; the sampler reshuffles every epoch (and can
+    start one part-way). Batches end with their unreadable files (faults.collate)."""
     dataset = train_dataset(args, recipe)
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed)
+    sampler = faults.ResumableSampler(dataset, world, rank, seed=args.seed)
     per_rank = args.batch_size // world
     if len(sampler) < per_rank:
         fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
     return torch.utils.data.DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-        collate_fn=gpu_aug.pad_collate if args.gpu_aug else None, pin_memory=device.type == "cuda",
-        drop_last=True, persistent_workers=args.workers > 0)
+        collate_fn=partial(faults.collate, inner=gpu_aug.pad_collate) if args.gpu_aug else faults.collate,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0,
+        worker_init_fn=faults.ignore_stop_signals,   # workers' seeds: drawn from the rank's stream
+        generator=torch.Generator().manual_seed(int(torch.randint(2**62, ()))))
 
 
 def random_subset(ds, n):
@@ -368,8 +376,12 @@ def setup_distributed(batch_size):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    store, rank, world = next(dist.rendezvous("env://"))
+    # torchrun --max-restarts keeps its store: each attempt's keys apart, or the restarted
+    # ranks read the addresses of the dead ones and cannot connect
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return rank, world, device
 
 
 def rng_state(aug=None):
@@ -387,13 +399,6 @@ def set_rng_state(s, aug=None):
         torch.cuda.set_rng_state_all(s["cuda"])
     if aug is not None and s.get("aug") is not None and len(s["aug"]) == len(aug.get_state()):
         aug.set_state(s["aug"])     # (moved between CPU and GPU: the new device's own stream)
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path):
@@ -422,6 +427,7 @@ def build_training(args, device, world):
         model = torch.compile(model, mode=args.compile)
     optimizer = torch.optim.SGD(param_groups(online, args.wd), lr=0, momentum=0.9,
                                 fused=device.type == "cuda")    # one kernel for all parameters
+    faults.zero_momentum(optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     return online, target, model, optimizer, scaler
 
@@ -458,8 +464,11 @@ def train_step(model, online, target, optimizer, scaler, views, m, beta, args):
         loss, n, tl, last = intl_loss(model, target, views, beta, args.iters, args.whiten)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    if scaler.is_enabled():     # fp16: the scaler skips the update when the gradients overflow
+        scaler.step(optimizer)
+        scaler.update()
+    else:                       # a non-finite loss skips the update, decided on the device
+        faults.step_if_finite(optimizer, loss)
     return loss, n, tl, last
 
 
@@ -470,6 +479,8 @@ def setup(args):
     recipe = SMALL_IMAGES if small else (MULTI_CROP if args.multi_crop else TWO_VIEWS)
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if args.amp == "fp16" and device.type == "cpu":
+        fail("--amp fp16 on the CPU runs about 40x slower than float32 (no fp16 kernels): use --amp off or bf16")
     torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
     k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
     beta = args.beta if args.beta is not None else trace_loss_weight(k)
@@ -498,8 +509,9 @@ def train(args):
     # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
     aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
     loader = train_loader(args, recipe, rank, world, device)
+    steps = len(loader)          # per epoch
     lr = args.lr * args.batch_size / 256
-    total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
+    total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
 
     start_epoch, step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -509,59 +521,99 @@ def train(args):
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        faults.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
+        faults.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "step", step)
+    # faults.py: stop signals, unreadable files, non-finite losses; the ranks agree on a CPU group
+    stop, unreadable, group = faults.StopSignals(), faults.Unreadable(args.max_bad_files), faults.host_group()
+    nonfinite = torch.zeros(3, device=device)   # skipped steps, current and longest run
+    save = partial(save_checkpoint, ckpt_path, online, target, optimizer, scaler, aug, nonfinite,
+                   args, rank, world, group)
+    done, last_save = step - start_epoch * steps, time.time()   # done > 0: resumed mid-epoch
 
     log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views{' (GPU augmentation)' if aug else ''}, "
         f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
-        f"{len(loader.dataset)} images, {len(loader)} steps/epoch, amp {args.amp}")
+        f"{len(loader.dataset)} images, {steps} steps/epoch, amp {args.amp}", flush=True)
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         loader.sampler.set_epoch(epoch)
+        loader.sampler.skip, bad_files = done * loader.batch_size, 0   # seen before the checkpoint
+        nonfinite[0] = 0
         model.train()
         if target is not None:
             target.train()
         t_last, t_data, wait, seen = time.time(), time.time(), 0.0, 0
-        for i, (batch, _) in enumerate(loader):
+        for i, (batch, _, problems) in enumerate(loader, start=done):
             wait += time.time() - t_data          # waiting for the loader only
             views = to_views(batch, recipe, aug, device)
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(step, total_steps, warmup_steps, lr)
             loss, n, tl, last = train_step(model, online, target, optimizer, scaler, views,
                                            momentum_at(step, total_steps, args.momentum), beta, args)
+            faults.count_nonfinite(nonfinite, loss)
             step += 1
             seen += args.batch_size
-            if step % args.print_freq == 0 or i == len(loader) - 1:   # .item() syncs: only here
+            due = args.save_every_minutes and time.time() - last_save > 60 * args.save_every_minutes
+            stopping, due, bad = faults.agree([stop.signum, due, unreadable.add(problems)], group)
+            bad_files += bad
+            unreadable.check(bad_files, len(loader.dataset), rank)
+            if step % args.print_freq == 0 or i == steps - 1:   # .item() syncs: only here
                 dt = time.time() - t_last
                 rec = {"epoch": epoch, "step": step, "loss": loss.item(), "nmse": n.item(),
                        "trace_loss": tl.item(), "lr": optimizer.param_groups[0]["lr"],
                        "img_per_s": seen / dt, "data_wait": wait / dt}
-                log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{len(loader)} loss {rec['loss']:.4f} "
+                log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {rec['loss']:.4f} "
                     f"(nmse {rec['nmse']:.4f} tl {rec['trace_loss']:.3f}) lr {rec['lr']:.4g} "
                     f"{rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%", flush=True)
                 write_log(args, rank, rec)
+                faults.check_nonfinite(nonfinite, args.max_nonfinite, step, rec["lr"], rank)
                 t_last, wait, seen = time.time(), 0.0, 0
+            if (stopping or due) and i < steps - 1:     # mid-epoch (an epoch's end saves anyway)
+                save(epoch, step)
+                last_save = time.time()
+                if stopping:
+                    stop.exit(rank, step, ckpt_path)
             t_data = time.time()
+        done = 0
 
         z, y = last   # the epoch's last batch, before and after IterNorm (read before any later
         #               step: CUDA graphs reuse their output memory)
+        skipped = int(nonfinite[0])
         spec = {"epoch": epoch + 1, "step": step, "projector": spectrum(z, args.whiten),
-                "iternorm": spectrum(y, args.whiten)}
+                "iternorm": spectrum(y, args.whiten), "unreadable": bad_files, "nonfinite": skipped}
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {spec['projector']['cond']:.3g}/"
             f"{spec['projector']['erank']:.1f}, IterNorm output {spec['iternorm']['cond']:.3g}/"
-            f"{spec['iternorm']['erank']:.1f} of {k}", flush=True)
+            f"{spec['iternorm']['erank']:.1f} of {k}" + (f", {bad_files} unreadable images replaced"
+            if bad_files else "") + (f", {skipped} steps skipped (loss not finite)" if skipped else ""), flush=True)
         write_log(args, rank, spec)
-        rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(aug))
+        save(epoch + 1, step)
+        last_save = time.time()
         if rank == 0:
-            save_atomic({"model": online.state_dict(),
-                         "target": target.state_dict() if target is not None else None,
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "step": step, "args": vars(args), "rng": rngs},
-                        ckpt_path)
-            save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+            faults.save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+        if stopping:
+            stop.exit(rank, step, ckpt_path)
+    stop.restore()
     if world > 1:
         dist.destroy_process_group()
     return online.backbone, rank
+
+
+def save_checkpoint(path, online, target, optimizer, scaler, aug, nonfinite, args, rank, world, group,
+                    epoch, step):
+    """Rank 0 writes what a run resumes from: `epoch` whole epochs and `step` steps done (more
+    than epoch × steps per epoch: a mid-epoch save). Never weights after a divergence."""
+    lr = optimizer.param_groups[0]["lr"]
+    faults.check_nonfinite(nonfinite, args.max_nonfinite, step, lr, rank)
+    if faults.agree([not faults.finite(online, target)], group)[0]:
+        faults.exit_all(rank, f"error: weights not finite at step {step} (lr {lr:.4g}): not saved, "
+                              f"{path} keeps the last finite ones")
+    rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(aug))
+    if rank == 0:
+        faults.save_atomic({"model": online.state_dict(),
+                            "target": target.state_dict() if target is not None else None,
+                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                            "epoch": epoch, "step": step, "args": vars(args), "rng": rngs}, path)
 
 
 def write_log(args, rank, rec):
@@ -616,6 +668,12 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="runs/intl",
                    help="checkpoint.pth, backbone.pth and log.jsonl go here")
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
+    p.add_argument("--save-every-minutes", type=float, default=0,
+                   help="also save mid-epoch this often, against hard kills (0: at epoch ends and on signals)")
+    p.add_argument("--max-bad-files", type=float, default=0.01,
+                   help="stop when more than this fraction of an epoch's images are unreadable")
+    p.add_argument("--max-nonfinite", type=int, default=20,
+                   help="stop after this many non-finite losses in a row (their updates are skipped)")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data and not args.benchmark:
