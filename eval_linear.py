@@ -437,9 +437,10 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         faults.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
-    UNREADABLE.max_fraction = args.max_bad_files
+    UNREADABLE.max_fraction, UNREADABLE.count = args.max_bad_files, 0
     if args.knn:
         result = knn_eval(backbone, train, val, rank, world, device, args)
+        result["unreadable"] = int(sum_over_ranks(torch.tensor(UNREADABLE.count, device=device)))
         log(f"k-NN on {len(val)} val images, bank of {len(train)}: 5-NN top-1 {result['knn5_top1']:.2f}%, "
             f"20-NN weighted top-1 {result['knn20_top1']:.2f}%", flush=True)
         write_log(args, rank, result)

@@ -211,7 +211,7 @@ def zero_momentum(optimizer):
     """Momentum buffers of zeros before the first step: the same update (0.9·0 + g = g), but a
     skipped first step (found_inf) cannot leave fused SGD's buffers uninitialised."""
     for group in optimizer.param_groups:
-        for p in group["params"]:
+        for p in group["params"] if group["momentum"] else []:
             optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
