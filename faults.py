@@ -27,10 +27,13 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 
 
-def exit_all(rank, line, code=1):
-    """End this rank; rank 0 says why in one line (on stderr), so that N ranks print it once."""
+def exit_all(rank, line, code=1, group=None):
+    """End this rank; rank 0 says why in one line (on stderr), so that N ranks print it once.
+    With `group`, the ranks first wait for each other (for rank 0's save)."""
     if rank == 0:
         print(line, file=sys.stderr, flush=True)
+    if group is not None:
+        dist.barrier(group=group)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)
@@ -142,11 +145,11 @@ class StopSignals:
     def catch(self, signum, frame):
         self.signum = self.signum or signum
 
-    def exit(self, rank, step, path):
-        """Every rank exits as if killed by the signal (128 + its number); rank 0 says why."""
+    def exit(self, rank, step, path, group):
+        """Every rank exits as if killed by the signal (128 + its number) once rank 0 has saved."""
         name = signal.Signals(self.signum).name if self.signum else "a signal to another rank"
         exit_all(rank, f"stopped by {name} after step {step}: {path} holds this point; run the "
-                       f"same command to resume", 128 + (self.signum or signal.SIGTERM))
+                       f"same command to resume", 128 + (self.signum or signal.SIGTERM), group)
 
     def restore(self):
         for s, handler in self.previous.items():

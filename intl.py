@@ -480,7 +480,7 @@ def setup(args):
     if args.amp == "auto":
         args.amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     if args.amp == "fp16" and device.type == "cpu":
-        fail("--amp fp16 on the CPU runs about 40x slower than float32 (no fp16 kernels): use --amp off or bf16")
+        fail("--amp fp16 on the CPU is many times slower than float32 (no fast fp16 kernels there): use --amp off")
     torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
     k = args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
     beta = args.beta if args.beta is not None else trace_loss_weight(k)
@@ -570,7 +570,7 @@ def train(args):
                 save(epoch, step)
                 last_save = time.time()
                 if stopping:
-                    stop.exit(rank, step, ckpt_path)
+                    stop.exit(rank, step, ckpt_path, group)
             t_data = time.time()
         done = 0
 
@@ -589,7 +589,7 @@ def train(args):
         if rank == 0:
             faults.save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
         if stopping:
-            stop.exit(rank, step, ckpt_path)
+            stop.exit(rank, step, ckpt_path, group)
     stop.restore()
     if world > 1:
         dist.destroy_process_group()
