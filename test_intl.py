@@ -1160,7 +1160,8 @@ def test_quick_start_prints_its_command_and_the_knn_check(tmp_path, capsys, monk
     assert "ep 1/1 step 2/2" in out and out.count("5-NN top-1 on 50 Fashion-MNIST test images") == 2
 
 
-# ============================================================================= faults: bad files, preemption, divergence, a full disk, restarts
+# ============================================================================= faults of long runs
+# unreadable files, a kill and a resume, divergence, a full disk, torchrun restarts
 def png_header_only(path, width, height):
     """A PNG that declares width × height pixels (and holds none): over Pillow's bomb limit."""
     chunk = lambda kind, data: (len(data).to_bytes(4, "big") + kind + data      # noqa: E731
