@@ -22,15 +22,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+import faults
+from faults import save_atomic
 from intl import (CIFAR_NORM, MEAN, SMALL_DATA, STD, channels_last, check_ranges, eval_transform, fail,
                   features, file_kind, gather, knn_predict, labelled_images, load_checkpoint, make_output_dir,
-                  on_rank0, random_subset, resnet_backbone, save_atomic, setup_distributed, write_log)
+                  on_rank0, random_subset, resnet_backbone, setup_distributed, write_log)
 
 CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))   # the authors' test-time
 #                                                    normalisation, for CIFAR-10 and CIFAR-100 alike
 KNN = [("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw features)"),
        ("knn20_cosine_weighted_top1", 20, 0.07,
         "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]
+
+# unreadable images: replaced in their batches, reported once, counted per epoch (--max-bad-files)
+UNREADABLE = faults.Unreadable(max_fraction=0.01)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -162,7 +167,7 @@ def bf16(device):
 def bank_features(backbone, dataset, rank, world, device, args):
     """Raw features of the whole set on every rank: each rank encodes a shard,
     padded to equal length for the all-gather, the padding (label -1) dropped after."""
-    f, y = features(backbone, shard(dataset, rank, world), device, args.batch_size, args.workers)
+    f, y = features(backbone, shard(dataset, rank, world), device, args.batch_size, args.workers, UNREADABLE)
     if world == 1:
         return f, y
     pad = math.ceil(len(dataset) / world) - len(f)
@@ -175,7 +180,8 @@ def knn_eval(backbone, train, val, rank, world, device, args, log):
     raw features and DINO's 20-NN weighted cosine; queries in chunks so ImageNet's bank fits."""
     with bf16(device):
         bank, bank_labels = bank_features(backbone, train, rank, world, device, args)
-        q, q_labels = features(backbone, shard(val, rank, world), device, args.batch_size, args.workers)
+        q, q_labels = features(backbone, shard(val, rank, world), device, args.batch_size, args.workers,
+                               UNREADABLE)
     if any(k > len(bank) for _, k, _, _ in KNN):
         log(f"note: the bank holds {len(bank)} images; each k larger than that is clamped to {len(bank)}")
     result = {}
@@ -215,7 +221,7 @@ def train_epoch(model, optimizer, loader, epoch, args, device, log):
     model.train(finetune)   # linear protocol: the whole backbone stays in eval mode (BN frozen)
     mem = channels_last(device)
     total, t_last, seen = 0.0, time.time(), 0
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y) in enumerate(UNREADABLE.batches(loader)):
         x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
         loss = F.cross_entropy(logits(model, x, finetune), y)
         optimizer.zero_grad(set_to_none=True)
@@ -237,9 +243,10 @@ def evaluate(backbone, head, val, rank, world, device, args):
     backbone.eval()
     mem = channels_last(device)
     loader = torch.utils.data.DataLoader(shard(val, rank, world), batch_size=args.batch_size // world,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=faults.collate)
     hits = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in loader:
+    for x, y in UNREADABLE.batches(loader):
         x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
         with bf16(device):
             f = backbone(x)
@@ -360,6 +367,8 @@ def parse_args(argv=None):
     p.add_argument("--restart", action="store_true",
                    help="start afresh even if OUTPUT_DIR/checkpoint.pth exists (it is replaced after epoch 1)")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
+    p.add_argument("--max-bad-files", type=float, default=0.01,
+                   help="stop when more than this fraction of a pass's images are unreadable")
     args = p.parse_args(argv)
     if not args.data:
         fail("--data is required (a folder in ImageNet layout, fashion-mnist, cifar10 or cifar100)")
@@ -455,9 +464,12 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
     if resume:
         start_epoch, best = resume_from(resume, backbone, head, optimizer, args)
         log(f"resumed from {resume} at epoch {start_epoch}")
+        if rank == 0:     # a run killed after its log line but before its save
+            faults.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "epoch", start_epoch)
     sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=faults.collate)
     log(f"{'fine-tuning' if finetune else 'linear protocol'}: {len(train)} train / {len(val)} val "
         f"images, {classes} classes, {world} process(es) on {device.type}, batch {args.batch_size}, "
         f"{args.epochs} epochs ({args.schedule})", flush=True)
@@ -467,16 +479,19 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
         sampler.set_epoch(epoch)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(epoch, args.epochs, args.schedule)
+        UNREADABLE.count = 0
         loss = train_epoch(model, optimizer, loader, epoch, args, device, log)
         acc1, acc5 = evaluate(backbone, head, val, rank, world, device, args)
         if acc1 > best["acc1"]:
             best = {"acc1": acc1, "acc5": acc5, "epoch": epoch + 1}
             if rank == 0:
                 save_atomic(full_state(backbone, head), os.path.join(args.output_dir, "best.pth"))
+        bad = int(sum_over_ranks(torch.tensor(UNREADABLE.count, device=device)))
         rec = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "acc1": acc1,
-               "acc5": acc5, "best_acc1": best["acc1"], "time": time.time() - t0}
+               "acc5": acc5, "best_acc1": best["acc1"], "time": time.time() - t0, "unreadable": bad}
         log(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f} top-1 {acc1:.2f}% top-5 {acc5:.2f}% "
-            f"(best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}) {rec['time']:.0f} s", flush=True)
+            f"(best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}) {rec['time']:.0f} s"
+            + (f", {bad} unreadable images replaced" if bad else ""), flush=True)
         write_log(args, rank, rec)
         if rank == 0:
             save_atomic({"model": full_state(backbone, head), "optimizer": optimizer.state_dict(),
@@ -506,8 +521,12 @@ def main(argv=None):
     backbone = backbone.to(device, memory_format=channels_last(device))
     backbone.requires_grad_(args.weights == "finetune" and not args.knn)
     train, val, classes = datasets(args, small_images=args.small_images or args.data in SMALL_DATA)
+    if rank == 0:
+        faults.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
+    UNREADABLE.max_fraction, UNREADABLE.count = args.max_bad_files, 0
     if args.knn:
         result = knn_eval(backbone, train, val, rank, world, device, args, log)
+        result["unreadable"] = int(sum_over_ranks(torch.tensor(UNREADABLE.count, device=device)))
         log(f"k-NN on {len(val)} val images, bank of {len(train)}: "
             + ", ".join(f"{label} top-1 {result[key]:.2f}%" for key, _, _, label in KNN), flush=True)
         write_log(args, rank, result)

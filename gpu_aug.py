@@ -15,7 +15,8 @@ data workers only decode (load_capped) and pad (pad_collate); the rest runs on t
 import math
 
 import torch
-from PIL import Image
+
+import faults
 
 GRAY = (0.2989, 0.587, 0.114)                               # torchvision's rgb_to_grayscale
 
@@ -237,15 +238,10 @@ MAX_SIDE = 512   # as FFCV's ImageNet files: bounds the padded batch and the res
 
 
 def load_capped(path, max_side=MAX_SIDE):
-    """Decode only: JPEG DCT-domain reduction (draft), then at most max_side px a side.
+    """Decode only, to at most max_side px a side (JPEGs reduced while decoding: faults.load_rgb).
     Crop boxes are relative, so their distribution is unchanged; only crops of larger
     images come from fewer pixels than the PIL path sees."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.draft("RGB", (max_side, max_side))
-        img = img.convert("RGB")
-    img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return img
+    return faults.load_rgb(path, max_side)
 
 
 def pad_batch(images):

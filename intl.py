@@ -38,6 +38,8 @@ import torchvision
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
+import faults
+
 
 def fail(msg):
     """Bad input: one line on stderr and a non-zero exit, never a traceback."""
@@ -173,7 +175,10 @@ def spectrum(z, whiten="channel", with_eigenvalues=False):
     view of collapse -- and, if asked, its eigenvalues λ, largest first."""
     x = whitened_variables(z.detach().double().cpu(), whiten)
     k, n = x.shape
-    lam = torch.linalg.eigvalsh((x @ x.T if k <= n else x.T @ x) / (n - 1)).clamp_min(0)
+    cov = (x @ x.T if k <= n else x.T @ x) / (n - 1)
+    if not torch.isfinite(cov).all():      # the batch of a skipped step (loss not finite)
+        return {"cond": math.nan, "erank": math.nan}
+    lam = torch.linalg.eigvalsh(cov).clamp_min(0)
     lam = torch.cat([lam, lam.new_zeros(k - len(lam))])   # the Gram misses k - n zeros
     p = lam / lam.sum()
     erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
@@ -355,12 +360,13 @@ class ArrayImages(torch.utils.data.Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def image_folder(root, transform, loader=torchvision.datasets.folder.default_loader):
-    """torchvision ImageFolder with one-line errors for a missing or empty folder."""
+def image_folder(root, transform, loader=faults.load_rgb):
+    """torchvision ImageFolder with one-line errors for a missing or empty folder; an unreadable
+    file's slot goes to another image (items: image, label, problem; faults.SkipUnreadable)."""
     if not os.path.isdir(root):
         fail(f"{root} not found: --data DIR must hold DIR/train/<class>/<image> (ImageNet layout)")
     try:
-        return torchvision.datasets.ImageFolder(root, transform, loader=loader)
+        return faults.SkipUnreadable(root, transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"no images in {root}: {str(e).splitlines()[0]}")
 
@@ -368,7 +374,7 @@ def image_folder(root, transform, loader=torchvision.datasets.folder.default_loa
 SMALL_DATA = ["fashion-mnist", "cifar10", "cifar100"]
 
 
-def labelled_images(data, train, transform, loader=torchvision.datasets.folder.default_loader):
+def labelled_images(data, train, transform, loader=faults.load_rgb):
     """Fashion-MNIST, CIFAR-10/100 (train or test split), or DIR/train or DIR/val (ImageNet layout)."""
     if data == "fashion-mnist":
         return ArrayImages(*load_fashion_mnist(train), transform)
@@ -386,15 +392,18 @@ def train_loader(args, recipe, rank, world, device):
     else:
         dataset = labelled_images(args.data, True, views_transform(recipe))
     dataset = random_subset(dataset, args.subset)
-    # drop_last: N // batch steps per epoch on any number of processes (no padding repeats)
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=args.seed, drop_last=True)
+    # drop_last: N // batch steps per epoch on any number of processes (no padding repeats); an
+    # epoch can start part-way (a mid-epoch checkpoint); batches end with their unreadable files
+    sampler = faults.ResumableSampler(dataset, world, rank, seed=args.seed, drop_last=True)
     per_rank = args.batch_size // world
     if len(sampler) < per_rank:
         fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
     return torch.utils.data.DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-        collate_fn=gpu_aug.pad_collate if args.gpu_aug else None, pin_memory=device.type == "cuda",
-        drop_last=True, persistent_workers=args.workers > 0)
+        collate_fn=partial(faults.collate, inner=gpu_aug.pad_collate) if args.gpu_aug else faults.collate,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0,
+        worker_init_fn=faults.ignore_stop_signals,   # workers' seeds: drawn from the rank's stream
+        generator=torch.Generator().manual_seed(int(torch.randint(2**62, ()))))
 
 
 def random_subset(ds, n):
@@ -439,8 +448,12 @@ def setup_distributed(batch_size):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    store, rank, world = next(dist.rendezvous("env://"))
+    # torchrun --max-restarts keeps its store: each attempt's keys apart, or the restarted
+    # ranks read the addresses of the dead ones and cannot connect
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return rank, world, device
 
 
 def rng_state(aug=None):
@@ -468,13 +481,6 @@ def resume_rng_state(states, rank, aug=None):
         torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
         if aug is not None:
             aug.manual_seed(int(torch.randint(2**62, ())))
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def make_output_dir(path):
@@ -537,6 +543,7 @@ def build_optimizer(online, args, device):
     """SGD with momentum 0.9 (fused on GPUs) and the GradScaler that fp16 needs."""
     optimizer = torch.optim.SGD(param_groups(online, args.wd, decay_all=args.data in CIFAR_NORM),
                                 lr=0, momentum=0.9, fused=device.type == "cuda")
+    faults.zero_momentum(optimizer)     # buffers exist before a first step that may be skipped
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     return optimizer, scaler
 
@@ -563,7 +570,7 @@ def resume_from(path, online, target, optimizer, scaler, aug, args, rank, steps_
 
 # What a resumed run may change: it does not change what is computed.
 FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "stop_epoch", "amp", "compile", "gpu_aug",
-                  "seed", "knn_every", "allow_changed_args"}
+                  "seed", "knn_every", "allow_changed_args", "save_every_minutes", "max_bad_files", "max_nonfinite"}
 
 
 def check_resumable(ckpt, args, path, rank, steps_per_epoch):
@@ -598,6 +605,8 @@ def autocast_dtype(amp, device, data):
     if amp == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and data not in CIFAR_NORM
         return torch.bfloat16 if bf16 else None
+    if amp == "fp16" and device.type == "cpu":
+        fail("--amp fp16 on the CPU is many times slower than float32 (no fast fp16 kernels there): use --amp off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
@@ -617,8 +626,11 @@ def train_step(forward, online, target, optimizer, scaler, views, m, beta, amp, 
         loss, distance, tl = intl_loss(zs, z_target, beta, args.whiten, whitening(args))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    if scaler.is_enabled():     # fp16: the scaler skips the update when the gradients overflow
+        scaler.step(optimizer)
+        scaler.update()
+    else:                       # a non-finite loss skips the update, decided on the device
+        faults.step_if_finite(optimizer, loss)
     return loss, distance, tl, zs[-1].detach()
 
 
@@ -674,8 +686,9 @@ def train(args):
     # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
     aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
     monitor = knn_pair(args) if args.knn_every and rank == 0 else None
+    steps = len(loader)          # per epoch
     lr = args.lr * args.batch_size / 256
-    total_steps, warmup_steps = args.epochs * len(loader), args.warmup_epochs * len(loader)
+    total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
 
     start_epoch, step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -683,20 +696,32 @@ def train(args):
     if resume:
         start_epoch, step = resume_from(resume, online, target, optimizer, scaler, aug, args, rank, len(loader))
         log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
+    if rank == 0:
+        faults.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
+        faults.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "step", step)
+        faults.drop_log_records_after(os.path.join(args.output_dir, "spectrum.jsonl"), "epoch", start_epoch)
+    # faults.py: stop signals, unreadable files, non-finite losses; the ranks agree on a CPU group
+    stop, unreadable, group = faults.StopSignals(), faults.Unreadable(args.max_bad_files), faults.host_group()
+    nonfinite = torch.zeros(3, device=device)   # skipped steps, current and longest run
+    save = partial(save_checkpoint, ckpt_path, online, target, optimizer, scaler, aug, nonfinite,
+                   args, rank, world, group, steps)
+    done, last_save = step - start_epoch * steps, time.time()   # done > 0: resumed mid-epoch
 
     log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views{' (GPU augmentation)' if aug else ''}, "
         f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
-        f"{len(loader.dataset)} images, {len(loader)} steps/epoch, autocast {amp or 'off'}")
+        f"{len(loader.dataset)} images, {steps} steps/epoch, autocast {amp or 'off'}", flush=True)
     if start_epoch >= min(args.epochs, args.stop_epoch or args.epochs):
         log(f"nothing to train: {resume} is at epoch {start_epoch}" + (f", --stop-epoch is {args.stop_epoch}"
             if args.stop_epoch and args.stop_epoch < args.epochs else f" of {args.epochs}: the run is finished"))
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         loader.sampler.set_epoch(epoch)
+        loader.sampler.skip, bad_files = done * loader.batch_size, 0   # seen before the checkpoint
+        nonfinite[0] = 0
         forward.train()
         if target is not None:
             target.train()
         t_last, t_data, wait, seen = time.time(), time.time(), 0.0, 0
-        for i, (batch, _) in enumerate(loader):
+        for i, (batch, _, problems) in enumerate(loader, start=done):
             wait += time.time() - t_data          # waiting for the loader only
             views = to_views(batch, recipe, aug, device)
             for g in optimizer.param_groups:
@@ -704,24 +729,38 @@ def train(args):
             loss, distance, tl, embedding = train_step(
                 forward, online, target, optimizer, scaler, views,
                 momentum_at(step, total_steps, args.momentum), beta, amp, args)
+            faults.count_nonfinite(nonfinite, loss)
             step += 1
             seen += args.batch_size
-            if step % args.print_freq == 0 or i == len(loader) - 1:   # .item() syncs: only here
+            due = args.save_every_minutes and time.time() - last_save > 60 * args.save_every_minutes
+            stopping, due, bad = faults.agree([stop.signum, due, unreadable.add(problems)], group)
+            bad_files += bad
+            unreadable.check(bad_files, len(loader.dataset), rank)
+            if step % args.print_freq == 0 or i == steps - 1:   # .item() syncs: only here
                 dt = time.time() - t_last
                 rec = {"epoch": epoch, "step": step, "loss": loss.item(), "nmse": distance.item(),
                        "trace_loss": tl.item(), "lr": optimizer.param_groups[0]["lr"],
                        "img_per_s": seen / dt, "data_wait": wait / dt}
-                log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{len(loader)} loss {rec['loss']:.4f} "
+                log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {rec['loss']:.4f} "
                     f"(nmse {rec['nmse']:.4f} tl {rec['trace_loss']:.3f}) lr {rec['lr']:.4g} "
                     f"{rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%", flush=True)
                 write_log(args, rank, rec)
+                faults.check_nonfinite(nonfinite, args.max_nonfinite, step, rec["lr"], rank)
                 t_last, wait, seen = time.time(), 0.0, 0
+            if (stopping or due) and i < steps - 1:     # mid-epoch (an epoch's end saves anyway)
+                save(epoch, step)
+                last_save = time.time()
+                if stopping:
+                    stop.exit(rank, step, ckpt_path, group)
             t_data = time.time()
+        done = 0
 
-        # the epoch's last batch, before and after IterNorm (read before any later step: CUDA
-        # graphs reuse their output memory)
+        # the epoch's last batch, before and after the transform (read before any later step:
+        # CUDA graphs reuse their output memory)
+        skipped = int(nonfinite[0])
         rec = {"epoch": epoch + 1, "step": step, "projector": spectrum(embedding, args.whiten, True),
-               "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten, True)}
+               "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten, True),
+               "unreadable": bad_files, "nonfinite": skipped}
         write_log(args, rank, {"epoch": epoch + 1, "before": rec["projector"].pop("eigenvalues"),
                                "after": rec["iternorm"].pop("eigenvalues")}, "spectrum.jsonl")
         if monitor and (epoch + 1) % args.knn_every == 0:
@@ -729,23 +768,41 @@ def train(args):
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {rec['projector']['cond']:.3g}/"
             f"{rec['projector']['erank']:.1f}, {args.transform} output {rec['iternorm']['cond']:.3g}/"
             f"{rec['iternorm']['erank']:.1f} of {k}"
-            + (f"; 5-NN top-1 {rec['knn5_top1']:.1f}%" if "knn5_top1" in rec else ""), flush=True)
+            + (f"; 5-NN top-1 {rec['knn5_top1']:.1f}%" if "knn5_top1" in rec else "")
+            + (f", {bad_files} unreadable images replaced" if bad_files else "")
+            + (f", {skipped} steps skipped (loss not finite)" if skipped else ""), flush=True)
         write_log(args, rank, rec)
-        rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(aug))
+        save(epoch + 1, step)
+        last_save = time.time()
         if rank == 0:
-            save_atomic({"model": online.state_dict(),
-                         "target": target.state_dict() if target is not None else None,
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "step": step, "rng": rngs,
-                         "args": {**vars(args), "steps_per_epoch": len(loader)}},
-                        ckpt_path)
-            save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+            faults.save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+        if stopping:
+            stop.exit(rank, step, ckpt_path, group)
+    stop.restore()
     if world > 1:
         dist.destroy_process_group()
     return online.backbone, rank
+
+
+def save_checkpoint(path, online, target, optimizer, scaler, aug, nonfinite, args, rank, world, group,
+                    steps_per_epoch, epoch, step):
+    """Rank 0 writes what a run resumes from: `epoch` whole epochs and `step` steps done (more
+    than epoch × steps per epoch: a mid-epoch save). Never weights after a divergence."""
+    lr = optimizer.param_groups[0]["lr"]
+    faults.check_nonfinite(nonfinite, args.max_nonfinite, step, lr, rank)
+    if faults.agree([not faults.finite(online, target)], group)[0]:
+        faults.exit_all(rank, f"error: weights not finite at step {step} (lr {lr:.4g}): not saved, "
+                              f"{path} keeps the last finite ones")
+    rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state(aug))
+    if rank == 0:
+        faults.save_atomic({"model": online.state_dict(),
+                            "target": target.state_dict() if target is not None else None,
+                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                            "epoch": epoch, "step": step, "rng": rngs,
+                            "args": {**vars(args), "steps_per_epoch": steps_per_epoch}}, path)
 
 
 def write_log(args, rank, rec, name="log.jsonl"):
@@ -757,11 +814,14 @@ def write_log(args, rank, rec, name="log.jsonl"):
 
 # ----------------------------------------------------------------------------- k-NN on frozen features
 @torch.no_grad()
-def features(backbone, dataset, device, batch_size=1000, workers=0):
-    """RAW (not normalised) features of the backbone in eval mode, and the labels."""
+def features(backbone, dataset, device, batch_size=1000, workers=0, unreadable=None):
+    """RAW (not normalised) features of the backbone in eval mode, and the labels; unreadable
+    files are replaced (and counted by `unreadable`, a faults.Unreadable, if given)."""
     backbone.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    out = [(backbone(x.to(device)).float(), y.to(device)) for x, y in loader]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=faults.collate)
+    batches = unreadable.batches(loader) if unreadable else ((x, y) for x, y, _ in loader)
+    out = [(backbone(x.to(device)).float(), y.to(device)) for x, y in batches]
     return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
 
 
@@ -869,6 +929,12 @@ def parse_args(argv=None, need_data=True):
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
     p.add_argument("--allow-changed-args", action="store_true",
                    help="resume a checkpoint made with other settings (batch size, epochs, lr...) with this run's")
+    p.add_argument("--save-every-minutes", type=float, default=0,
+                   help="also save mid-epoch this often, against hard kills (0: at epoch ends and on signals)")
+    p.add_argument("--max-bad-files", type=float, default=0.01,
+                   help="stop when more than this fraction of an epoch's images are unreadable")
+    p.add_argument("--max-nonfinite", type=int, default=20,
+                   help="stop after this many non-finite losses in a row (their updates are skipped)")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data and need_data:

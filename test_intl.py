@@ -4,16 +4,23 @@ lines on real image files, the ImageNet recipes against the paper's table, and t
 augmentation against torchvision's ops and samplers."""
 import argparse
 import copy
+import errno
 import hashlib
+import io
 import json
 import math
 import os
 import pickle
+import re
 import shlex
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -28,6 +35,7 @@ from torchvision.transforms import InterpolationMode
 
 import benchmark
 import eval_linear
+import faults
 import gpu_aug
 import intl
 from intl import MEAN, STD, resnet_backbone
@@ -504,8 +512,8 @@ def common(folder, out, *extra):
             "--workers", "0", "--print-freq", "100", "--output-dir", str(out), *extra]
 
 
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
+def read_log(out, name="log.jsonl"):
+    with open(os.path.join(out, name)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -613,7 +621,7 @@ def test_knn_end_to_end(folder, backbone_pth, tmp_path, capsys, subset):
         acc = 100 * (brute_force_knn(bank, labels, queries, k, t) == truth).double().mean().item()
         assert result[key] == pytest.approx(acc, abs=1e-9)
         assert f"{label} top-1 {acc:.2f}%" in printed
-    assert read_log(out) == [result] and len(result) == 2
+    assert read_log(out) == [result] and len(result) == 3 and result["unreadable"] == 0
     assert printed.count("note: the bank holds 12 images") == (1 if subset else 0)
 
 
@@ -1062,7 +1070,7 @@ def tiny_bn_encoder():
 
 def step_on_tiny_encoder(amp="off", compile=False, device="cpu"):
     """A closure running one INTL-M train_step of a small BN network on fixed views, and the network."""
-    args = argparse.Namespace(iters=4, whiten="channel")
+    args = argparse.Namespace(iters=4, whiten="channel", transform="iternorm")
     amp = {"off": None, "bf16": torch.bfloat16}[amp]
     online = tiny_bn_encoder().to(device)
     target = copy.deepcopy(online).requires_grad_(False)
@@ -1682,3 +1690,228 @@ def test_figures_from_a_real_fashion_mnist_run(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), "spectrum", str(tmp_path), "--out",
                         str(tmp_path / "x.png")], capture_output=True, text=True)
     assert p.returncode != 0 and p.stderr.count("\n") == 1 and "spectrum.jsonl not found" in p.stderr
+
+
+# ============================================================================= faults of long runs
+# unreadable files, a kill and a resume, divergence, a full disk, torchrun restarts
+def png_header_only(path, width, height):
+    """A PNG that declares width × height pixels (and holds none): over Pillow's bomb limit."""
+    chunk = lambda kind, data: (len(data).to_bytes(4, "big") + kind + data      # noqa: E731
+                                + zlib.crc32(kind + data).to_bytes(4, "big"))
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def add_unreadable_files(d):
+    """The four ways a file of a real folder fails to decode; returns their paths."""
+    empty, truncated, text, bomb = (os.path.join(d, n) for n in ["empty.jpg", "cut.jpg", "notes.jpg", "huge.png"])
+    open(empty, "wb").close()
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_images(1, 64, 64)[0].permute(1, 2, 0).numpy()).save(buf, "JPEG")
+    with open(truncated, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with open(text, "w") as f:
+        f.write("not an image\n")
+    png_header_only(bomb, 20000, 20000)
+    return [empty, truncated, text, bomb]
+
+
+def test_unreadable_files_are_replaced_reported_once_and_counted(tmp_path):
+    """Both loaders: each unreadable file's slot gets another image, its path and reason are
+    reported once, the epoch counts them; past --max-bad-files the run stops in one line."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=2, size=32)
+    bad = add_unreadable_files(os.path.join(data, "train", "class1"))   # 4 of 8 files
+    out = tmp_path / "out"
+    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1",
+                 "--max-bad-files", "0.6", "--output-dir", out)
+    for path, why in zip(bad, ["0 bytes", "truncated", "not an image", "decompression bomb"]):
+        lines = [line for line in p.stderr.splitlines() if path in line]
+        assert len(lines) == 1 and why in lines[0], p.stderr
+    assert "4 unreadable images replaced" in p.stdout
+    epoch = read_log(out)[-1]
+    assert epoch["unreadable"] == 4 and torch.load(out / "checkpoint.pth", weights_only=False)["step"] == 2
+    # --gpu-aug (load_capped, in a data worker) with the default limit, 1 %: a one-line stop
+    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1",
+                 "--gpu-aug", "--workers", "1", "--output-dir", tmp_path / "gpu", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert last.startswith("error: ") and "of 8 images unreadable" in last and "--max-bad-files 0.01" in last
+
+
+def test_eval_linear_replaces_and_counts_unreadable_files(folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    open(data / "train" / "n00000001" / "empty.png", "wb").close()
+    png_header_only(data / "val" / "n00000002" / "huge.png", 20000, 20000)
+    p = run_eval(common(data, tmp_path / "out", "--epochs", "1", "--max-bad-files", "0.1"))
+    assert p.returncode == 0, p.stderr
+    assert "2 unreadable images replaced" in p.stdout and p.stderr.count("warning: unreadable") == 2
+    assert read_log(tmp_path / "out")[-1]["unreadable"] == 2
+
+
+def vm_peak_mib(load):
+    """Peak resident memory added while `load()` runs (Linux: the peak is reset first)."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    load()
+    return status("VmHWM") - before
+
+
+def test_16_bit_pngs_are_scaled_and_big_pngs_never_copied_at_full_size(tmp_path):
+    grey = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)      # up to 65472
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    for img in [faults.load_rgb(str(tmp_path / "grey16.png")), gpu_aug.load_capped(str(tmp_path / "grey16.png"))]:
+        assert img.mode == "RGB" and np.array_equal(np.asarray(img)[..., 1], (grey >> 8).astype(np.uint8))
+    # --gpu-aug's decoder on a 6000 × 4000 PNG (72 MB of pixels): no other full-size copy
+    ramp = np.linspace(0, 255, 6000, dtype=np.float32)
+    rgb = np.empty((4000, 6000, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = ramp[None, :], ramp[:4000, None], 90
+    Image.fromarray(rgb).save(tmp_path / "big.png", compress_level=1)
+    del rgb
+    out = []
+    peak = vm_peak_mib(lambda: out.append(gpu_aug.load_capped(str(tmp_path / "big.png"))))
+    assert out[0].size == (512, 341) and peak < 1.8 * 72, peak     # 184 MiB with a full-size RGB copy
+
+
+def test_hard_killed_run_resumes_mid_epoch_bit_identical_and_logs_each_step_once(tmp_path):
+    """--save-every-minutes saves mid-epoch (here after every step); a kill -9 then loses at
+    most that; the rerun skips what the epoch had seen, drops the log records written after the
+    checkpoint and the partial files of a save that was cut short."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=6, size=32)   # 3 steps of 4
+    args = ["--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1"]
+    run_intl(*args, "--output-dir", tmp_path / "straight")
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "intl.py"), *map(str, args), "--output-dir", str(out),
+                          "--save-every-minutes", "1e-6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "checkpoint.pth").exists() and p.poll() is None:
+        time.sleep(0.01)
+    p.kill()
+    p.wait()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 0 and 1 <= ckpt["step"] < 3                   # mid-epoch
+    (out / "checkpoint.pth.tmp4242").write_bytes(b"half a checkpoint")    # a kill during a save
+    p = run_intl(*args, "--output-dir", out)
+    assert f"resumed from {out / 'checkpoint.pth'} at epoch 0, step {ckpt['step']}" in p.stdout
+    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pth", "log.jsonl", "spectrum.jsonl"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    b = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    steps = lambda d: [(r["step"], "loss" in r) for r in read_log(d)]     # noqa: E731
+    assert steps(out) == steps(tmp_path / "straight") == [(1, True), (2, True), (3, True), (3, False)]
+    assert [r["epoch"] for r in read_log(out, "spectrum.jsonl")] == [1]
+
+
+@pytest.mark.parametrize("fused", [False, True])    # fused: skipped on the device, as on GPUs
+def test_a_non_finite_loss_skips_its_update_and_k_in_a_row_stop_the_run(fused, capsys):
+    args = argparse.Namespace(iters=4, whiten="channel", transform="iternorm")
+    online = tiny_bn_encoder()
+    optimizer = torch.optim.SGD(intl.param_groups(online, 1e-4), lr=0.1, momentum=0.9, fused=fused)
+    faults.zero_momentum(optimizer)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    views = [torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(v)) for v in range(2)]
+    counts = torch.zeros(3)
+    for poison in [True, True, False, True]:
+        before = [p.detach().clone() for p in online.parameters()]
+        momentum = [b.clone() for b in optimizer.state_dict()["state"][0].values()]
+        x = [v.clone() for v in views]
+        if poison:
+            x[1][0, 0, 0, 0] = float("nan")
+        loss = intl.train_step(online, online, None, optimizer, scaler, x, 0.99, 0.05, None, args)[0]
+        faults.count_nonfinite(counts, loss)
+        changed = any(not torch.equal(a, p) for a, p in zip(before, online.parameters()))
+        assert changed != poison and torch.isfinite(loss) != poison
+        assert torch.equal(momentum[0], optimizer.state_dict()["state"][0]["momentum_buffer"]) == poison
+    assert counts.tolist() == [3, 1, 2]                # skipped, current run, longest run
+    faults.check_nonfinite(counts, 3, 4, 0.1, rank=0)   # no run of 3: goes on
+    with pytest.raises(SystemExit) as e:
+        faults.check_nonfinite(counts, 2, 4, 0.1, rank=0)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.count("\n") == 0 and "2 steps in a row, by step 4 (lr 0.1)" in err
+
+
+def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(tmp_path):
+    """--lr 1e9: the weights blow up within a few steps; the run stops in one line naming the
+    step and the lr, and the checkpoint keeps the last finite weights."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=8, size=32)
+    out = tmp_path / "out"
+    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1", "--lr", "1e9",
+                 "--warmup-epochs", "0", "--save-every-minutes", "1e-6", "--output-dir", out, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    step = int(re.search(r"step (\d+) \(lr [0-9.e+]+\)", p.stderr).group(1))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert "not finite" in p.stderr and 1 <= ckpt["step"] < step
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    faults.save_atomic({"w": torch.ones(3)}, str(path))
+    good = sha(path)
+
+    def fill_the_disk(obj, f):
+        f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    with pytest.raises(SystemExit) as e:
+        faults.save_atomic({"w": torch.zeros(3)}, str(path))
+    msg = str(e.value.code)
+    assert msg.startswith("error: cannot save") and "disk is full" in msg and str(tmp_path) in msg
+    assert "\n" not in msg and "previous one is intact" in msg
+    assert os.listdir(tmp_path) == ["checkpoint.pth"] and sha(path) == good
+    (tmp_path / "backbone.pth.tmp77").write_bytes(b"cut short")
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")
+    faults.remove_partial_saves(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "notes.tmp"]
+
+
+def worker_pids(pid):
+    """RANK -> pid of each torchrun worker (the launcher's children)."""
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    ranks = {}
+    for c in children:
+        env = open(f"/proc/{c}/environ", "rb").read().split(b"\0")
+        ranks[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = int(c)
+    return ranks
+
+
+def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_an_uninterrupted_run(tmp_path):
+    """kill PID (SIGTERM) of rank 1 only: both ranks finish the step, rank 0 saves the position,
+    torchrun --max-restarts restarts them (c10d rendezvous), and the run resumes mid-epoch."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=4, size=32)    # 2 steps of 4 per epoch
+
+    def torchrun(out, *extra):
+        cmd = [*TORCHRUN, "--nproc_per_node=2", *extra, os.path.join(HERE, "intl.py"), "--data", data, *SMALL, "--small-images",
+               "--batch-size", "4", "--epochs", "2", "--output-dir", str(out)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p = torchrun(tmp_path / "straight")
+    straight = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, straight[-3000:]
+    p = torchrun(tmp_path / "restarted", "--max-restarts", "1")        # --standalone: c10d on a free port
+    lines = []
+    for line in p.stdout:               # rank 0 has caught the signals once it prints this
+        lines.append(line)
+        if line.startswith("INTL:"):
+            os.kill(worker_pids(p.pid)[1], signal.SIGTERM)
+            break
+    out = "".join(lines) + p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-3000:]
+    stop = re.search(r"stopped by a signal to another rank after step (\d+)", out)
+    assert stop and out.count("stopped by") == 1, out[-3000:]
+    assert f"at epoch 0, step {stop.group(1)}" in out                      # resumed mid-epoch
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "restarted" / "checkpoint.pth", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        intl.autocast_dtype("fp16", torch.device("cpu"), str(tmp_path))
+    assert str(e.value.code).startswith("error: --amp fp16 on the CPU") and "\n" not in str(e.value.code)
