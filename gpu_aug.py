@@ -1,8 +1,8 @@
 """§6 augmentation for a whole batch at once in pure torch, on the GPU (or the CPU).
 
 intl.py's recipe with torchvision's semantics: resized crop (bicubic, antialiased) ->
-ColorJitter(0.4, 0.4, 0.2, 0.1) in random order p 0.8 -> grayscale p 0.2 -> Gaussian blur
-(23 px, sigma ~ U(0.1, 2)) p_blur -> solarize p_sol -> flip p 0.5 -> normalise. Every random
+ColorJitter(0.4, 0.4, 0.2, 0.1) in random order p 0.8 -> grayscale p 0.2 -> Pillow's Gaussian
+blur (sigma ~ U(0.1, 2)) p_blur -> solarize p_sol -> flip p 0.5 -> normalise. Every random
 parameter is drawn per sample from a torch.Generator; no loop over samples, and with the
 generator on the images' device, no wait for the host:
 
@@ -96,16 +96,44 @@ def resize_taps(start, length, size, n_in):
     return (w / w.sum(-1, keepdim=True)).float(), index
 
 
-def blur_taps(sigma, n, kernel_size=23):
-    """(weights, input index) [N, n, kernel_size]: torchvision's Gaussian blur along one axis,
-    reflect padding included."""
-    lim = (kernel_size - 1) / (2 * math.sqrt(2))         # torchvision's softmax(-(t / sigma)^2)
-    w = torch.softmax(-(torch.linspace(-lim, lim, kernel_size, device=sigma.device)
-                        / sigma[:, None]) ** 2, 1)
-    w = torch.where(w < 1e-20, 0, w)[:, None].expand(-1, n, -1)   # denormals slow CPU matmuls 5x
-    j = (torch.arange(n, device=w.device)[:, None] + torch.arange(kernel_size, device=w.device)
-         - kernel_size // 2).abs()                                # reflect: -1 -> 1, ...
-    return w, torch.where(j > n - 1, 2 * (n - 1) - j, j)          # ... and n -> n - 2
+def pillow_box_radius(sigma, passes=3):
+    """Pillow's extended box radius for GaussianBlur(sigma): `passes` box blurs of it have
+    variance sigma^2 (Gwosdek et al. 2011); a float or a tensor."""
+    s2 = sigma * sigma / passes
+    l = ((12 * s2 + 1) ** 0.5 - 1) // 2                   # integer part
+    return l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+
+
+def band_product(a, b):
+    """A @ B for [n, n] matrices stored as bands [N, n, 2h + 1]: band[:, x, h + d] = M[x, x + d]."""
+    ha, hb, n = a.shape[-1] // 2, b.shape[-1] // 2, a.shape[1]
+    pad = b.new_zeros(len(b), ha, b.shape[-1])        # rows of B past the edges: A gives them 0
+    b = torch.cat([pad, b, pad], 1)
+    out = a.new_zeros(len(a), n, 2 * (ha + hb) + 1)
+    for i in range(2 * ha + 1):                     # A[x, x + d] B[x + d, x + d + e], d = i - ha
+        out[..., i:i + 2 * hb + 1] += a[..., i, None] * b[:, i:i + n]
+    return out
+
+
+def blur_taps(sigma, n, max_sigma=2.0, passes=3):
+    """(weights, input index) [N, n, taps]: Pillow's GaussianBlur(sigma <= max_sigma) along one
+    axis -- `passes` extended box blurs, edge pixels repeated -- as one matrix, no rounding."""
+    h = int(pillow_box_radius(max_sigma, passes)) + 1   # one pass reaches x - h .. x + h
+    radius = pillow_box_radius(sigma.float(), passes)[:, None, None]
+    r = radius.floor()
+    inner = (2**24 / (2 * radius + 1)).floor()          # Pillow's 24-bit fixed-point weights
+    outer = ((2**24 - (2 * r + 1) * inner) / 2).floor()  # the ends of the box: what is left
+    k = torch.arange(-h, h + 1, device=sigma.device)
+    w = torch.where(k.abs() <= r, inner, torch.where(k.abs() == r + 1, outer, 0)) / 2**24
+    x = torch.arange(n, device=sigma.device)[:, None]
+    d = (x + k).clamp(0, n - 1) - x + h                  # pixels past an edge: the edge pixel
+    box = w.new_zeros(len(w), n, 2 * h + 1).scatter_add_(2, d.expand(len(w), -1, -1),
+                                                         w.expand(-1, n, -1))
+    band = box
+    for _ in range(passes - 1):                # exact at the edges, unlike one merged kernel
+        band = band_product(band, box)
+    t = torch.arange(-passes * h, passes * h + 1, device=x.device)
+    return band, (x + t).clamp(0, n - 1)       # taps off the image weigh 0
 
 
 def separable(x, rows, cols):
@@ -125,10 +153,11 @@ def resized_crop(images, boxes, size):
     return separable(images.float(), (rw, rj), resize_taps(left, w, size, images.shape[-1]))
 
 
-def gaussian_blur(x, sigma, kernel_size=23):
-    """torchvision's gaussian_blur(x, kernel_size, sigma) with one sigma per sample."""
-    return separable(x, blur_taps(sigma, x.shape[-2], kernel_size),
-                     blur_taps(sigma, x.shape[-1], kernel_size))
+def gaussian_blur(x, sigma, max_sigma=2.0):
+    """Pillow's ImageFilter.GaussianBlur(sigma), one sigma <= max_sigma per sample, in float: exact
+    but for Pillow's rounding to uint8 after each of its 6 passes (<= 3 grey levels, mean < 1)."""
+    return separable(x, blur_taps(sigma, x.shape[-2], max_sigma),
+                     blur_taps(sigma, x.shape[-1], max_sigma))
 
 
 # ----------------------------------------------------------------------------- colour ops

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 import gpu_aug
@@ -215,15 +215,13 @@ SMALL_IMAGES = [(32, (0.08, 1.0), 0.0, 0.0), (32, (0.08, 1.0), 0.0, 0.2)]
 
 
 def gaussian_blur(img, sigma=(0.1, 2.0)):
-    """T.GaussianBlur(23, sigma) on a PIL image: the same σ draw, kernel and reflect padding,
-    but as two 23-tap passes, not one 23 × 23 convolution (60 ms a 224-px crop on one core)."""
-    s = torch.empty(1).uniform_(*sigma)              # as T.GaussianBlur.get_params draws σ
-    x = gpu_aug.gaussian_blur(T.functional.pil_to_tensor(img)[None].float(), s)
-    return T.functional.to_pil_image(x[0].round().to(torch.uint8))
+    """Pillow's GaussianBlur(σ) (three extended box blurs), σ ~ U(sigma) on a PIL image."""
+    s = torch.empty(1).uniform_(*sigma).item()      # as T.GaussianBlur.get_params draws σ
+    return img.filter(ImageFilter.GaussianBlur(radius=s))
 
 
 def crop_transform(size, scale, p_blur, p_sol):
-    """One crop of §6. The 23-px blur kernel spans ±5.5σ at σ = 2, i.e. the exact Gaussian."""
+    """One crop of the augmentation recipe on a PIL image; the blur is Pillow's."""
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
