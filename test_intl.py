@@ -822,7 +822,8 @@ def test_whole_crop_equals_torchvision_ops_in_sequence():
         for k in p["order"][i].tolist() if p["jitter"][i] else []:
             im = ops[k](im, p["factors"][k, i].item())
         im = TF.rgb_to_grayscale(im, 3) if p["gray"][i] else im
-        im = pillow_blur_passes(im * 255, p["sigma"][i].item()).float() / 255 if p["blur"][i] else im
+        if p["blur"][i]:                                # Pillow's passes, without its rounding
+            im = pillow_blur_passes(im * 255, p["sigma"][i].item()).float() / 255
         im = TF.solarize(im, 128 / 255) if p["solarize"][i] else im
         im = TF.horizontal_flip(im) if p["flip"][i] else im
         errors.append((ours[i] - TF.normalize(im, intl.MEAN, intl.STD)).abs().flatten())
@@ -1165,8 +1166,11 @@ def textures(n, h, w, cell, seed=0):
 
 
 BLUR_SIGMAS = [0.1, 0.3, 0.5, 1.0, 1.5, 2.0]
-BLUR_IMAGES = [lambda: synthetic_images(6, 64, 48), lambda: synthetic_images(6, 20, 20, seed=1),
-               lambda: textures(6, 33, 20, 2), lambda: textures(6, 40, 56, 5, seed=1)]
+BLUR_IMAGES = {"photo-like 64x48": lambda: synthetic_images(6, 64, 48),
+               "photo-like 20x20": lambda: synthetic_images(6, 20, 20, seed=1),
+               "photo-like 5x3": lambda: synthetic_images(6, 5, 3, seed=2),
+               "texture 33x20": lambda: textures(6, 33, 20, 2),
+               "texture 40x56": lambda: textures(6, 40, 56, 5, seed=1)}
 
 
 def test_pil_path_blur_is_pillows_gaussian_blur():
@@ -1181,18 +1185,18 @@ def test_pil_path_blur_is_pillows_gaussian_blur():
         assert np.array_equal(ours, ref), seed
 
 
-@pytest.mark.parametrize("images", BLUR_IMAGES)
-def test_pillow_blur_is_six_box_passes_rounded_to_uint8(images):
-    """The reference below: Pillow's blur to the bit, for every sigma, on every image size."""
-    for img, s in zip(images(), BLUR_SIGMAS):
+@pytest.mark.parametrize("name", BLUR_IMAGES)
+def test_pillow_blur_is_six_box_passes_rounded_to_uint8(name):
+    """pillow_blur_passes with rounding: Pillow's blur to the bit, for every sigma and size."""
+    for img, s in zip(BLUR_IMAGES[name](), BLUR_SIGMAS):
         assert torch.equal(pillow_blur_passes(img, s, rounding=True), pillow_blur(img, s).long()), s
 
 
-@pytest.mark.parametrize("images", BLUR_IMAGES)
-def test_gpu_aug_blur_is_pillows_but_for_its_rounding(images):
+@pytest.mark.parametrize("name", BLUR_IMAGES)
+def test_gpu_aug_blur_is_pillows_but_for_its_rounding(name):
     """gpu_aug: Pillow's passes as one matrix an axis, exact but for Pillow's rounding to uint8
     after each of its 6 passes, which moves a pixel by at most 6 x 0.5 grey levels."""
-    img = images()
+    img = BLUR_IMAGES[name]()
     ours = gpu_aug.gaussian_blur(img.float() / 255, torch.tensor(BLUR_SIGMAS)) * 255
     for o, im, s in zip(ours, img, BLUR_SIGMAS):
         assert (o - pillow_blur_passes(im, s)).abs().max() < 1e-3, s    # 0-255 scale
