@@ -1,4 +1,4 @@
-"""§6 augmentation for a whole batch at once in pure torch, on the GPU (or the CPU).
+"""The augmentation recipe for a whole batch at once in pure torch, on the GPU (or the CPU).
 
 intl.py's recipe with torchvision's semantics: resized crop (bicubic, antialiased) ->
 ColorJitter(0.4, 0.4, 0.2, 0.1) in random order p 0.8 -> grayscale p 0.2 -> Pillow's Gaussian
@@ -104,43 +104,30 @@ def pillow_box_radius(sigma, passes=3):
     return l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
 
 
-def band_product(a, b):
-    """A @ B for [n, n] matrices stored as bands [N, n, 2h + 1]: band[:, x, h + d] = M[x, x + d]."""
-    ha, hb, n = a.shape[-1] // 2, b.shape[-1] // 2, a.shape[1]
-    pad = b.new_zeros(len(b), ha, b.shape[-1])        # rows of B past the edges: A gives them 0
-    b = torch.cat([pad, b, pad], 1)
-    out = a.new_zeros(len(a), n, 2 * (ha + hb) + 1)
-    for i in range(2 * ha + 1):                     # A[x, x + d] B[x + d, x + d + e], d = i - ha
-        out[..., i:i + 2 * hb + 1] += a[..., i, None] * b[:, i:i + n]
-    return out
-
-
-def blur_taps(sigma, n, max_sigma=2.0, passes=3):
-    """(weights, input index) [N, n, taps]: Pillow's GaussianBlur(sigma <= max_sigma) along one
-    axis -- `passes` extended box blurs, edge pixels repeated -- as one matrix, no rounding."""
-    h = int(pillow_box_radius(max_sigma, passes)) + 1   # one pass reaches x - h .. x + h
-    radius = pillow_box_radius(sigma.float(), passes)[:, None, None]
-    r = radius.floor()
-    inner = (2**24 / (2 * radius + 1)).floor()          # Pillow's 24-bit fixed-point weights
+def box_taps(sigma, n, max_sigma=2.0):
+    """(weights, input index) [N, n, taps]: one of Pillow's extended box passes of
+    GaussianBlur(sigma <= max_sigma) along an axis, as Pillow's 24-bit fixed-point integer
+    weights in float64 (every sum of a pass exact); pixels past an edge: the edge pixel."""
+    h = int(pillow_box_radius(max_sigma)) + 1            # a pass reaches x - h .. x + h
+    radius = pillow_box_radius(sigma.float())[:, None, None]   # float32, as Pillow computes it
+    r = radius.floor().double()
+    inner = (2**24 / (2 * radius + 1)).floor().double()  # float32 division, as Pillow's
     outer = ((2**24 - (2 * r + 1) * inner) / 2).floor()  # the ends of the box: what is left
     k = torch.arange(-h, h + 1, device=sigma.device)
-    w = torch.where(k.abs() <= r, inner, torch.where(k.abs() == r + 1, outer, 0)) / 2**24
+    w = torch.where(k.abs() <= r, inner, torch.where(k.abs() == r + 1, outer, 0))
     x = torch.arange(n, device=sigma.device)[:, None]
-    d = (x + k).clamp(0, n - 1) - x + h                  # pixels past an edge: the edge pixel
-    box = w.new_zeros(len(w), n, 2 * h + 1).scatter_add_(2, d.expand(len(w), -1, -1),
-                                                         w.expand(-1, n, -1))
-    band = box
-    for _ in range(passes - 1):                # exact at the edges, unlike one merged kernel
-        band = band_product(band, box)
-    t = torch.arange(-passes * h, passes * h + 1, device=x.device)
-    return band, (x + t).clamp(0, n - 1)       # taps off the image weigh 0
+    return w.expand(-1, n, -1), (x + k).clamp(0, n - 1)  # dense() adds the repeated edge taps
+
+
+def dense(w, j, n):
+    """The [N, 1, rows, n] matrices whose rows have weights w at input indices j [N, rows, taps];
+    repeated indices add."""
+    return w.new_zeros(*w.shape[:2], n).scatter_add_(2, j.expand_as(w), w)[:, None]
 
 
 def separable(x, rows, cols):
     """rows @ x @ cols^T per sample and channel, each matrix given by the taps of its rows:
     a separable filter as two batched matmuls (dense matrices: plain matmuls, fast on GPUs)."""
-    dense = lambda w, j, n: w.new_zeros(*w.shape[:2], n).scatter_add_(  # noqa: E731
-        2, j.expand_as(w), w)[:, None]                       # repeated indices (weight 0) add
     return dense(*rows, x.shape[-2]) @ x @ dense(*cols, x.shape[-1]).transpose(-1, -2)
 
 
@@ -154,10 +141,17 @@ def resized_crop(images, boxes, size):
 
 
 def gaussian_blur(x, sigma, max_sigma=2.0):
-    """Pillow's ImageFilter.GaussianBlur(sigma), one sigma <= max_sigma per sample, in float: exact
-    but for Pillow's rounding to uint8 after each of its 6 passes (<= 3 grey levels, mean < 1)."""
-    return separable(x, blur_taps(sigma, x.shape[-2], max_sigma),
-                     blur_taps(sigma, x.shape[-1], max_sigma))
+    """Pillow's ImageFilter.GaussianBlur(sigma) of x in [0, 1] taken to uint8 levels, one
+    sigma <= max_sigma per sample: Pillow's box passes along W, then along H, each rounded to
+    uint8 as Pillow rounds it (exact integer sums in float64), so equal to Pillow's to the bit."""
+    x = (x * 255).round().double()
+    cols = dense(*box_taps(sigma, x.shape[-1], max_sigma), x.shape[-1]).transpose(-1, -2)
+    rows = dense(*box_taps(sigma, x.shape[-2], max_sigma), x.shape[-2])
+    for _ in range(3):                        # Pillow's (bulk + 2^23) >> 24 after every pass
+        x = ((x @ cols + 2**23) / 2**24).floor()
+    for _ in range(3):
+        x = ((rows @ x + 2**23) / 2**24).floor()
+    return x.float() / 255
 
 
 # ----------------------------------------------------------------------------- colour ops
