@@ -2,9 +2,10 @@
 
 intl.py's recipe with torchvision's semantics: resized crop (bicubic, antialiased) ->
 ColorJitter(0.4, 0.4, 0.2, 0.1) in random order p 0.8 -> grayscale p 0.2 -> Pillow's Gaussian
-blur (sigma ~ U(0.1, 2)) p_blur -> solarize p_sol -> flip p 0.5 -> normalise. Every random
-parameter is drawn per sample from a torch.Generator; no loop over samples, and with the
-generator on the images' device, no wait for the host:
+blur (sigma ~ U(0.1, 2)) p_blur -> solarize p_sol -> flip p 0.5 -> normalise; the blur takes
+the crop to uint8 levels and then equals Pillow's ImageFilter.GaussianBlur to the bit. Every
+random parameter is drawn per sample from a torch.Generator; no loop over samples, and with
+the generator on the images' device, no wait for the host:
 
     views = multi_view(uint8_images.cuda(), intl.MULTI_CROP, torch.Generator("cuda"))
 
