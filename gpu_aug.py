@@ -1,10 +1,12 @@
 """The augmentation recipe for a whole batch at once in pure torch, on the GPU (or the CPU).
 
 intl.py's recipe with torchvision's semantics: resized crop (bicubic, antialiased) ->
-ColorJitter in random order -> grayscale -> Gaussian blur -> solarize -> flip p 0.5 ->
+ColorJitter in random order -> grayscale -> Pillow's Gaussian blur -> solarize -> flip p 0.5 ->
 normalise, with the strengths and probabilities of each crop read from the recipe it is given
-(intl.Crop's fields). Every random parameter is drawn per sample from a torch.Generator; no
-loop over samples, and with the generator on the images' device, no wait for the host:
+(intl.Crop's fields); the blur takes the crop to uint8 levels and then equals Pillow's
+ImageFilter.GaussianBlur to the bit. Every random parameter is drawn per sample from a
+torch.Generator; no loop over samples, and with the generator on the images' device, no wait
+for the host:
 
     views = multi_view(uint8_images.cuda(), intl.MULTI_CROP, torch.Generator("cuda"))
 
@@ -95,23 +97,38 @@ def resize_taps(start, length, size, n_in):
     return (w / w.sum(-1, keepdim=True)).float(), index
 
 
-def blur_taps(sigma, n, kernel_size=23):
-    """(weights, input index) [N, n, kernel_size]: torchvision's Gaussian blur along one axis,
-    reflect padding included."""
-    lim = (kernel_size - 1) / (2 * math.sqrt(2))         # torchvision's softmax(-(t / sigma)^2)
-    w = torch.softmax(-(torch.linspace(-lim, lim, kernel_size, device=sigma.device)
-                        / sigma[:, None]) ** 2, 1)
-    w = torch.where(w < 1e-20, 0, w)[:, None].expand(-1, n, -1)   # denormals slow CPU matmuls 5x
-    j = (torch.arange(n, device=w.device)[:, None] + torch.arange(kernel_size, device=w.device)
-         - kernel_size // 2).abs()                                # reflect: -1 -> 1, ...
-    return w, torch.where(j > n - 1, 2 * (n - 1) - j, j)          # ... and n -> n - 2
+def pillow_box_radius(sigma, passes=3):
+    """Pillow's extended box radius for GaussianBlur(sigma): `passes` box blurs of it have
+    variance sigma^2 (Gwosdek et al. 2011); a float or a tensor."""
+    s2 = sigma * sigma / passes
+    l = ((12 * s2 + 1) ** 0.5 - 1) // 2                   # integer part
+    return l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+
+
+def box_taps(sigma, n, max_sigma=2.0):
+    """(weights, input index) [N, n, taps]: one of Pillow's extended box passes of
+    GaussianBlur(sigma <= max_sigma) along an axis, as Pillow's 24-bit fixed-point integer
+    weights in float64 (every sum of a pass exact); pixels past an edge: the edge pixel."""
+    h = int(pillow_box_radius(max_sigma)) + 1            # a pass reaches x - h .. x + h
+    radius = pillow_box_radius(sigma.float())[:, None, None]   # float32, as Pillow computes it
+    r = radius.floor().double()
+    inner = (2**24 / (2 * radius + 1)).floor().double()  # float32 division, as Pillow's
+    outer = ((2**24 - (2 * r + 1) * inner) / 2).floor()  # the ends of the box: what is left
+    k = torch.arange(-h, h + 1, device=sigma.device)
+    w = torch.where(k.abs() <= r, inner, torch.where(k.abs() == r + 1, outer, 0))
+    x = torch.arange(n, device=sigma.device)[:, None]
+    return w.expand(-1, n, -1), (x + k).clamp(0, n - 1)  # dense() adds the repeated edge taps
+
+
+def dense(w, j, n):
+    """The [N, 1, rows, n] matrices whose rows have weights w at input indices j [N, rows, taps];
+    repeated indices add."""
+    return w.new_zeros(*w.shape[:2], n).scatter_add_(2, j.expand_as(w), w)[:, None]
 
 
 def separable(x, rows, cols):
     """rows @ x @ cols^T per sample and channel, each matrix given by the taps of its rows:
     a separable filter as two batched matmuls (dense matrices: plain matmuls, fast on GPUs)."""
-    dense = lambda w, j, n: w.new_zeros(*w.shape[:2], n).scatter_add_(  # noqa: E731
-        2, j.expand_as(w), w)[:, None]                       # repeated indices (weight 0) add
     return dense(*rows, x.shape[-2]) @ x @ dense(*cols, x.shape[-1]).transpose(-1, -2)
 
 
@@ -124,10 +141,18 @@ def resized_crop(images, boxes, size):
     return separable(images.float(), (rw, rj), resize_taps(left, w, size, images.shape[-1]))
 
 
-def gaussian_blur(x, sigma, kernel_size=23):
-    """torchvision's gaussian_blur(x, kernel_size, sigma) with one sigma per sample."""
-    return separable(x, blur_taps(sigma, x.shape[-2], kernel_size),
-                     blur_taps(sigma, x.shape[-1], kernel_size))
+def gaussian_blur(x, sigma, max_sigma=2.0):
+    """Pillow's ImageFilter.GaussianBlur(sigma) of x in [0, 1] taken to uint8 levels, one
+    sigma <= max_sigma per sample: Pillow's box passes along W, then along H, each rounded to
+    uint8 as Pillow rounds it (exact integer sums in float64), so equal to Pillow's to the bit."""
+    x = (x * 255).round().double()
+    cols = dense(*box_taps(sigma, x.shape[-1], max_sigma), x.shape[-1]).transpose(-1, -2)
+    rows = dense(*box_taps(sigma, x.shape[-2], max_sigma), x.shape[-2])
+    for _ in range(3):                        # Pillow's (bulk + 2^23) >> 24 after every pass
+        x = ((x @ cols + 2**23) / 2**24).floor()
+    for _ in range(3):
+        x = ((rows @ x + 2**23) / 2**24).floor()
+    return x.float() / 255
 
 
 # ----------------------------------------------------------------------------- colour ops

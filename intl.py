@@ -257,13 +257,14 @@ SMALL_IMAGES = [Crop(32, (0.08, 1.0), 0.0, 0.0), Crop(32, (0.08, 1.0), 0.0, 0.2)
 
 
 def gaussian_blur(img, sigma=(0.1, 2.0)):
-    """Pillow's GaussianBlur(radius=σ), σ ~ U(sigma) drawn as T.GaussianBlur draws it."""
+    """Pillow's GaussianBlur(radius=σ) (three extended box blurs), σ ~ U(sigma) drawn as
+    T.GaussianBlur draws it."""
     s = torch.empty(1).uniform_(*sigma).item()
     return img.filter(ImageFilter.GaussianBlur(radius=s))
 
 
 def crop_transform(crop):
-    """One crop of the recipe on a PIL image, in torchvision's order."""
+    """One crop of the recipe on a PIL image, in torchvision's order; the blur is Pillow's."""
     return T.Compose([
         T.RandomResizedCrop(crop.size, scale=crop.scale, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomApply([T.ColorJitter(*crop.jitter)], p=crop.p_jitter),
