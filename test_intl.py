@@ -1977,3 +1977,99 @@ def test_gpu_aug_blur_is_pillows_to_the_bit(name):
     assert ours.dtype == torch.float32
     for o, im, s in zip(ours, img, sigmas.tolist()):
         assert torch.equal(o, pillow_blur(im, s).float() / 255), s
+
+
+# ----------------------------------------------------------------------------- structure
+PROJECT = ["gpu_aug", "faults", "intl", "eval_linear", "benchmark", "figures"]
+
+
+def project_imports(module):
+    """The project modules that `module`.py imports, anywhere in the file (lazy imports too)."""
+    import ast
+    tree = ast.parse(open(os.path.join(HERE, f"{module}.py")).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(PROJECT)
+
+
+def test_imports_point_one_way():
+    """faults.py (a leaf) <- gpu_aug.py <- intl.py <- eval_linear.py, benchmark.py, figures.py;
+    gpu_aug only for --gpu-aug; each module imports alone, and intl.py is loaded once."""
+    assert project_imports("faults") == set()
+    assert project_imports("gpu_aug") == {"faults"}
+    assert project_imports("intl") == {"gpu_aug", "faults"}
+    for top in ("eval_linear", "benchmark", "figures"):
+        assert project_imports(top) <= {"intl", "gpu_aug", "faults"}, top
+    for m in PROJECT:
+        p = subprocess.run([sys.executable, "-c", f"import sys, {m}; print(sorted(set(sys.modules) & {set(PROJECT)!r}))"],
+                           cwd=HERE, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        loaded = set(eval(p.stdout))
+        assert m != "intl" or loaded == {"intl", "faults"}, loaded      # no gpu_aug without --gpu-aug
+    p = subprocess.run([sys.executable, "intl.py", "--data", "/nowhere"], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1              # nothing loads intl.py twice
+
+
+def source_of(names):
+    """The source of intl.py's top-level definitions `names`, in the file's order."""
+    import ast
+    text = open(os.path.join(HERE, "intl.py")).read()
+    tree = ast.parse(text)
+    out = []
+    for node in tree.body:
+        targets = [e for t in getattr(node, "targets", []) for e in getattr(t, "elts", [t])]   # MEAN, STD = ...
+        defined = [node.name] if hasattr(node, "name") else [t.id for t in targets if hasattr(t, "id")]
+        if set(defined) & set(names):
+            start = node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno
+            out.append("\n".join(text.splitlines()[start - 1:node.end_lineno]))
+    assert len(out) == len(names), names
+    return "\n\n\n".join(out)
+
+
+PASTE_HEADER = """import math
+from functools import partial
+from typing import NamedTuple
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+from PIL import Image, ImageFilter
+"""
+
+
+@pytest.mark.parametrize("snippet, names", [
+    ("IterNorm", ["whitened_variables", "newton_iterations", "iter_norm"]),
+    ("trace loss", ["trace_loss", "trace_loss_weight"]),
+    ("INTL objective", ["whitened_variables", "newton_iterations", "iter_norm", "trace_loss", "nmse", "intl_loss"]),
+    ("Spectral Transformation", ["whitened_variables", "spectral_transform"]),
+    ("recipe", ["MEAN", "Crop", "TWO_VIEWS", "gaussian_blur", "crop_transform", "apply_each", "views_transform"])])
+def test_snippets_run_when_pasted_alone(snippet, names, tmp_path):
+    """What a lecturer copies runs in a fresh file with only torch, torchvision and PIL imported,
+    and computes what intl.py computes."""
+    use = {"IterNorm": "z = torch.randn(8, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n"
+                       "print(iter_norm(z, 4, 'batch').sum().item())",
+           "trace loss": "print(trace_loss(torch.eye(5) * 2).item(), trace_loss_weight(256))",
+           "INTL objective": "g = torch.Generator().manual_seed(0)\n"
+                             "zs = [torch.randn(8, 20, dtype=torch.float64, generator=g) for _ in range(3)]\n"
+                             "print(intl_loss(zs[1:], zs[0], 0.05)[0].item(), intl_loss(zs)[0].item())",
+           "Spectral Transformation": "z = torch.randn(8, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n"
+                                      "print(spectral_transform(z, 0.25).sum().item())",
+           "recipe": "torch.manual_seed(0)\nimg = Image.new('RGB', (60, 50), (200, 30, 90))\n"
+                     "print(sum(v.sum().item() for v in views_transform(TWO_VIEWS)(img)))"}[snippet]
+    path = tmp_path / "lecture.py"
+    path.write_text(PASTE_HEADER + "\n\n" + source_of(names) + "\n\n\n" + use + "\n")
+    p = subprocess.run([sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    want = subprocess.run([sys.executable, "-c", "from intl import *\n" + use], cwd=HERE, capture_output=True, text=True)
+    assert p.stdout == want.stdout and p.stdout.strip()
+
+
+def test_references_a_reader_can_find():
+    """No section marks, no references to documents outside the repository: the paper's concepts by name."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
+    for name in [f for f in tracked if f.endswith((".py", ".sh", ".md"))] or ["intl.py", "README.md"]:
+        text = open(os.path.join(HERE, name), encoding="utf-8").read()
+        assert "\u00a7" not in text and not re.search(r"\bspec\b", text), name
