@@ -87,7 +87,7 @@ def with_eigenvalues(lam, n, whiten, seed=0):
     return (x + shift) if whiten == "channel" else (x + shift).T
 
 
-# ----------------------------------------------------------------------------- a. IterNorm
+# ----------------------------------------------------------------------------- IterNorm
 @pytest.mark.parametrize("whiten", ["channel", "batch"])
 @pytest.mark.parametrize("iters", [1, 4, 8])
 def test_iternorm_spectrum_is_lambda_p_squared(whiten, iters):
@@ -115,7 +115,7 @@ def test_iternorm_converges_to_zca(whiten):
     assert torch.allclose(y if whiten == "channel" else y.T, zca, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- b. Gram path
+# ----------------------------------------------------------------------------- IterNorm: the Gram path
 @pytest.mark.parametrize("whiten", ["channel", "batch"])
 @pytest.mark.parametrize("m,d", [(8, 50), (50, 8)])
 def test_gram_path_equals_direct_covariance(whiten, m, d):
@@ -125,7 +125,77 @@ def test_gram_path_equals_direct_covariance(whiten, m, d):
                               rtol=1e-9, atol=1e-11)
 
 
-# ----------------------------------------------------------------------------- c. trace loss, β, gradient
+# ----------------------------------------------------------------------------- Spectral Transformation
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_spectral_transform_half_power_is_zca_whitening(whiten):
+    shape = (12, 20) if whiten == "channel" else (20, 12)    # fewer variables than observations
+    z = torch.randn(*shape, dtype=torch.float64) @ torch.randn(shape[1], shape[1], dtype=torch.float64)
+    x = (z - z.mean(1, keepdims=True)) if whiten == "channel" else (z - z.mean(0, keepdims=True)).T
+    sigma = x.numpy() @ x.numpy().T / (x.shape[1] - 1)
+    lam, u = np.linalg.eigh(sigma)                      # ZCA: Σ^-1/2 x, unnormalised
+    zca = torch.from_numpy(u @ np.diag(lam ** -0.5) @ u.T @ x.numpy())
+    y = intl.spectral_transform(z, 0.5, whiten)
+    assert torch.allclose(y, zca if whiten == "channel" else zca.T, atol=1e-9)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_spectral_transform_zero_power_only_rescales(whiten):
+    z = torch.randn(10, 16, dtype=torch.float64)
+    zc = z - z.mean(1 if whiten == "channel" else 0, keepdims=True)
+    trace = (zc ** 2).sum() / ((16 if whiten == "channel" else 10) - 1)
+    assert torch.allclose(intl.spectral_transform(z, 0.0, whiten), zc / trace.sqrt(), atol=1e-12)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+@pytest.mark.parametrize("power", [0.25, 0.75])
+def test_spectral_transform_output_spectrum_is_lambda_to_1_minus_2p(whiten, power):
+    lam = torch.tensor([3.0, 1.5, 1.0, 0.6, 0.3, 0.1], dtype=torch.float64)
+    y = intl.spectral_transform(with_eigenvalues(lam, 40, whiten), power, whiten)
+    x = intl.whitened_variables(y, whiten)
+    got = torch.linalg.eigvalsh(x @ x.T / (x.shape[1] - 1))
+    assert torch.allclose(got, torch.sort((lam / lam.sum()) ** (1 - 2 * power)).values, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("whiten", ["channel", "batch"])
+def test_spectral_transform_gradient_matches_finite_differences(whiten):
+    lam = torch.tensor([3.0, 1.5, 0.8, 0.4, 0.1], dtype=torch.float64)     # well separated
+    z = with_eigenvalues(lam, 8, whiten).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: intl.spectral_transform(t, 0.25, whiten), (z,))
+
+
+def test_spectral_transform_clamps_null_eigenvalues_to_stay_finite():
+    # 16 samples of 4 features: channel whitening's 16 × 16 covariance has rank 3 (< 16)
+    z = torch.randn(16, 4, dtype=torch.float64)
+    assert not torch.isfinite(intl.spectral_transform(z, 0.5, eps=0.0)).all()    # 0^-p: the blow-up
+    y = intl.spectral_transform(z, 0.5)
+    assert torch.isfinite(y).all()
+    x = intl.whitened_variables(y, "channel")
+    got = torch.linalg.eigvalsh(x @ x.T / 3)
+    # the 3 real directions are whitened (λ^0 = 1); the 13 null ones stay (numerically) empty
+    assert torch.allclose(got[-3:], torch.ones(3, dtype=torch.float64), atol=1e-6) and got[:-3].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("transform", ["power", "none"])
+def test_end_to_end_transform_writes_the_spectrum_per_epoch(tmp_path, transform):
+    data = image_folder(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    p = run_intl("--data", data, *SMALL, "--batch-size", "4", "--epochs", "2", "--transform", transform,
+                 "--output-dir", out)
+    assert f"{transform} output" in p.stdout and ("beta 0.0000" in p.stdout) == (transform == "none")
+    lines = [json.loads(line) for line in open(out / "spectrum.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        before, after = r["before"], r["after"]
+        assert len(before) == len(after) == 4 and before == sorted(before, reverse=True) and before[0] > 0
+        if transform == "none":        # the identity: the same eigenvalues
+            assert after == before
+        else:                          # ZCA (p = 0.5): every direction at 1
+            assert after == pytest.approx([1, 1, 1, 1], rel=1e-3) and before[-1] < 0.5 * before[0]
+    epochs = [json.loads(line) for line in open(out / "log.jsonl") if "iternorm" in line]
+    assert epochs[0]["projector"]["erank"] > 1 and "eigenvalues" not in epochs[0]["projector"]
+
+
+# ----------------------------------------------------------------------------- trace loss, β, the INTL objective and its gradient
 @pytest.mark.parametrize("whiten", ["channel", "batch"])
 def test_trace_loss_is_distance_of_cov_diagonal_from_one(whiten):
     y = torch.randn(12, 9, dtype=torch.float64) * 1.7 + 0.3
@@ -168,7 +238,7 @@ def test_intl_loss_gradcheck(whiten, momentum):
         assert torch.autograd.gradcheck(lambda a, b: intl.intl_loss([a, b], None, 0.05, whiten)[0], zs)
 
 
-# ----------------------------------------------------------------------------- d. autocast
+# ----------------------------------------------------------------------------- autocast
 @pytest.mark.parametrize("whiten", ["channel", "batch"])
 def test_iternorm_is_float32_under_bf16_autocast(whiten):
     z = torch.randn(64, 32)
@@ -180,7 +250,7 @@ def test_iternorm_is_float32_under_bf16_autocast(whiten):
     assert (y - ref).abs().max() <= 1e-5
 
 
-# ----------------------------------------------------------------------------- e. DDP
+# ----------------------------------------------------------------------------- DDP
 def tiny_encoder():
     """Normalisation-free (so per-rank batches see the same network as one process)."""
     torch.manual_seed(0)
@@ -244,7 +314,7 @@ def test_torchrun_two_cpu_processes_train_end_to_end(aug, tmp_path):
         assert not torch.equal(ckpt["rng"][0]["aug"], ckpt["rng"][1]["aug"])
 
 
-# ----------------------------------------------------------------------------- f. crops, momentum, schedules
+# ----------------------------------------------------------------------------- crops, momentum, schedules
 def test_multi_crop_gives_six_crops_of_the_spec_sizes():
     img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (300, 260, 3), np.uint8))
     views = intl.views_transform(intl.MULTI_CROP)(img)
@@ -310,7 +380,199 @@ def test_backbones_and_projector():
     assert p[6].out_features == 8192
 
 
-# ----------------------------------------------------------------------------- g. end to end
+# ----------------------------------------------------------------------------- augmentation: Pillow's Gaussian blur
+def pillow_blur_passes(x, sigma):
+    """Pillow's GaussianBlur(sigma) on [C, H, W] 0-255 integers, computed as Pillow computes it:
+    3 box passes along W, then 3 along H, of an extended radius, 24-bit fixed-point weights,
+    edge pixels repeated, rounded to integers after each pass."""
+    s2 = np.float32(sigma) ** 2 / np.float32(3)                     # Pillow's float arithmetic
+    l = np.float32(math.floor((math.sqrt(12 * s2 + 1) - 1) / 2))
+    radius = l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+    r, inner = int(radius), int(np.float32(2**24) / (np.float32(2) * radius + np.float32(1)))
+    weights = {k: inner if abs(k) <= r else (2**24 - (2 * r + 1) * inner) // 2
+               for k in range(-r - 1, r + 2)}
+    x = x.long()
+    for dim in [-1] * 3 + [-2] * 3:
+        i = torch.arange(x.shape[dim])
+        bulk = sum(w * x.index_select(dim, (i + k).clamp(0, len(i) - 1)) for k, w in weights.items())
+        x = (bulk + 2**23) // 2**24
+    return x
+
+
+def pillow_blur(img, sigma):
+    """img [3, H, W] uint8 through Pillow's own ImageFilter.GaussianBlur(sigma)."""
+    blurred = Image.fromarray(img.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(sigma))
+    return torch.from_numpy(np.array(blurred)).permute(2, 0, 1)
+
+
+def textures(n, h, w, cell, seed=0):
+    """uint8 images of random colours smoothly interpolated over cells of `cell` pixels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, h // cell + 2, w // cell + 2, generator=g)
+    x = F.interpolate(x, scale_factor=cell, mode="bicubic")[..., :h, :w]
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+BLUR_SIGMAS = [0.1, 0.3, 0.5, 1.0, 1.5, 2.0]
+BLUR_IMAGES = {"photo-like 64x48": lambda: synthetic_images(6, 64, 48),
+               "photo-like 20x20": lambda: synthetic_images(6, 20, 20, seed=1),
+               "photo-like 5x3": lambda: synthetic_images(6, 5, 3, seed=2),
+               "texture 33x20": lambda: textures(6, 33, 20, 2),
+               "texture 40x56": lambda: textures(6, 40, 56, 5, seed=1)}
+
+
+def test_pil_path_blur_is_pillows_gaussian_blur():
+    img = Image.fromarray(synthetic_images(1, 90, 120)[0].permute(1, 2, 0).numpy())
+    for seed in range(6):
+        torch.manual_seed(seed)
+        ref = np.asarray(img.filter(ImageFilter.GaussianBlur(T.GaussianBlur.get_params(0.1, 2.0))))
+        after_ref = torch.rand(1)
+        torch.manual_seed(seed)
+        ours = np.asarray(intl.gaussian_blur(img))
+        assert torch.equal(torch.rand(1), after_ref)                   # the same draws
+        assert np.array_equal(ours, ref), seed
+
+
+@pytest.mark.parametrize("name", BLUR_IMAGES)
+def test_pillow_blur_is_six_box_passes_rounded_to_uint8(name):
+    """pillow_blur_passes: Pillow's blur to the bit, for every sigma and size."""
+    for img, s in zip(BLUR_IMAGES[name](), BLUR_SIGMAS):
+        assert torch.equal(pillow_blur_passes(img, s), pillow_blur(img, s).long()), s
+
+
+@pytest.mark.parametrize("name", BLUR_IMAGES)
+def test_gpu_aug_blur_is_pillows_to_the_bit(name):
+    """gpu_aug's blur equals Pillow's GaussianBlur on uint8 images, for sigmas every 0.05 from
+    0.1 to 2 and 40 drawn as sample_params draws them (float32), on every size of image."""
+    img = BLUR_IMAGES[name]()
+    drawn = gpu_aug.uniform(40, 0.1, 2.0, torch.Generator().manual_seed(0), "cpu")
+    sigmas = torch.cat([torch.linspace(0.1, 2.0, 39), drawn])
+    img = img[torch.arange(len(sigmas)) % len(img)]
+    ours = gpu_aug.gaussian_blur(img.float() / 255, sigmas)
+    assert ours.dtype == torch.float32
+    for o, im, s in zip(ours, img, sigmas.tolist()):
+        assert torch.equal(o, pillow_blur(im, s).float() / 255), s
+
+
+# ----------------------------------------------------------------------------- data: CIFAR
+def fake_cifar(root, name, n_per_batch=8, seed=0):
+    """A small CIFAR folder in torchvision's on-disk format (pickled batches of 3072-byte rows,
+    red plane, green plane, blue plane); returns the images as (N, 32, 32, 3) and the labels."""
+    rng = np.random.RandomState(seed)
+    folder, files, key = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels"),
+                          "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels")}[name]
+    os.makedirs(os.path.join(root, folder))
+    out = {}
+    for f in files:
+        hwc = (rng.rand(n_per_batch, 32, 32, 3) * 255).astype(np.uint8)
+        hwc[:, :16] //= 2                                   # not symmetric in any axis
+        labels = rng.randint(0, 10 if name == "cifar10" else 100, n_per_batch).tolist()
+        rows = hwc.transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)
+        with open(os.path.join(root, folder, f), "wb") as fh:
+            pickle.dump({key.encode(): labels, b"data": rows, b"filenames": [b"x.png"] * n_per_batch}, fh)
+        out[f] = (hwc, labels)
+    return out
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_batches_are_read_pixel_for_pixel(name, tmp_path, monkeypatch):
+    written = fake_cifar(str(tmp_path / "data"), name)
+    monkeypatch.chdir(tmp_path)
+    images, labels = intl.load_cifar(name, train=True)
+    train = [v for k, v in written.items() if "test" not in k]
+    assert np.array_equal(images, np.concatenate([hwc for hwc, _ in train]))
+    assert labels.tolist() == sum((lab for _, lab in train), [])
+    test_images, _ = intl.load_cifar(name, train=False)
+    img, label = intl.ArrayImages(test_images, labels, T.PILToTensor())[3]
+    assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(written["test_batch" if name == "cifar10" else "test"][0][3]))
+
+
+def test_cifar_missing_and_not_downloadable_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def offline(*a, **kw):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(SystemExit) as e:
+        intl.load_cifar("cifar100")
+    assert "cifar100 is not in ./data/cifar-100-python" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cifar_run_uses_the_authors_setting(tmp_path):
+    """--data cifar10: the 3x3 stem, CIFAR-10's mean/std, weight decay on every parameter, fp32,
+    and as many data workers as this machine has cores (no torch warning)."""
+    fake_cifar(str(tmp_path / "data"), "cifar10")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "intl.py"), "--data", "cifar10", "--arch", "resnet18",
+                        "--projector", "32-32", "--batch-size", "8", "--epochs", "1", "--wd", "1e-4",
+                        "--output-dir", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "autocast off" in p.stdout and "5 steps/epoch" in p.stdout
+    assert "suggested max number of worker" not in p.stderr
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)
+    assert ckpt["model"]["backbone.conv1.weight"].shape[-1] == 3
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == 1e-4 and len(groups[0]["params"]) == len(ckpt["model"]) - sum(
+        "running" in k or "num_batches" in k for k in ckpt["model"])        # every parameter decays
+    assert ckpt["args"]["workers"] == min(8, intl.CPU_CORES)
+    recipe = intl.crop_recipe(argparse.Namespace(**ckpt["args"]))
+    assert [c.mean for c in recipe] == [(0.4914, 0.4822, 0.4465)] * 2 and [c.p_solarize for c in recipe] == [0.0, 0.2]
+
+
+def test_bad_data_fails_before_the_model_is_built(monkeypatch):
+    def build_model(*a):
+        raise AssertionError("the model was built before --data was checked")
+    monkeypatch.setattr(intl, "build_model", build_model)
+    with pytest.raises(SystemExit) as e:
+        intl.train(intl.parse_args(["--data", "/nowhere/at/all"]))
+    assert "not found" in str(e.value)
+
+
+def test_cifar_features_see_the_cifar10_test_normalisation(tmp_path, monkeypatch):
+    written = fake_cifar(str(tmp_path / "data"), "cifar100")
+    monkeypatch.chdir(tmp_path)
+    train, val, classes = eval_linear.datasets(eval_linear.parse_args(["--data", "cifar100"]), True)
+    assert (len(train), len(val), classes) == (8, 8, 100)
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.261])
+    # the CIFAR-10 mean/std for CIFAR-100 too, and no augmentation on the training images either
+    for ds, name in [(val, "test"), (train, "train")]:
+        hwc, labels = written[name]
+        img = torch.from_numpy(hwc[3]).permute(2, 0, 1).float() / 255
+        x, y = ds[3]
+        assert y == labels[3] and torch.allclose(x, (img - mean[:, None, None]) / std[:, None, None], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- data: Fashion-MNIST
+def test_fashion_mnist_reads_the_real_files():
+    assert os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"), \
+        "install the Debian package dataset-fashion-mnist"
+    images, labels = intl.load_fashion_mnist(train=True)
+    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [6000] * 10
+    assert 60 < images.mean() < 90                     # real clothing, not zeros or noise
+    test_images, test_labels = intl.load_fashion_mnist(train=False)
+    assert test_images.shape == (10000, 28, 28) and np.bincount(test_labels).tolist() == [1000] * 10
+    x, y = intl.ArrayImages(images, labels, torchvision.transforms.ToTensor())[0]
+    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and y == labels[0]
+    assert torch.equal((x[0, 2:30, 2:30] * 255).round().byte(), torch.from_numpy(images[0]))
+    assert x[:, :2].sum() == 0                         # padded with black to 32 px
+
+
+def test_knn_majority_vote():
+    # raw features: class 0 lies near the query in Euclidean distance, class 1 in direction
+    bank = torch.tensor([[1.0, 0.4], [1.2, 0.5], [5.0, 0.0], [6.0, 0.1]])
+    labels = torch.tensor([0, 0, 1, 1])
+    q = torch.tensor([[4.0, 0.0], [1.0, 0.5]])
+    assert intl.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [1, 0]
+    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2).tolist() == [0]   # not by direction,
+    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2, temperature=0.07).tolist() == [1]   # as here
+    # a 2-2 tie: the smallest label wins, even when the other class holds the nearest images
+    tie = torch.tensor([[0.1, 0], [0.2, 0], [0.3, 0], [0.4, 0], [5.0, 0]])
+    assert intl.knn_predict(tie, torch.tensor([3, 3, 1, 1, 0]), torch.zeros(1, 2), k=4).tolist() == [1]
+    # fewer bank images than k: k is the bank size
+    assert intl.knn_predict(bank, labels, q, k=20).tolist() == intl.knn_predict(bank, labels, q, k=4).tolist()
+
+
+# ----------------------------------------------------------------------------- the training loop end to end
 def image_folder(root, n_per_class=4, size=40):
     rng = np.random.RandomState(0)
     for c, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
@@ -371,7 +633,7 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
 
-# ----------------------------------------------------------------------------- h. bad input
+# ----------------------------------------------------------------------------- bad input
 def assert_one_line_error(p, *words):
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0
@@ -414,35 +676,436 @@ def test_bad_checkpoints_never_overwrite_a_good_one(tmp_path):
     assert sha(out / "checkpoint.pth") == good
 
 
-# ----------------------------------------------------------------------------- i. Fashion-MNIST
-def test_fashion_mnist_reads_the_real_files():
-    assert os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"), \
-        "install the Debian package dataset-fashion-mnist"
-    images, labels = intl.load_fashion_mnist(train=True)
-    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
-    assert np.bincount(labels).tolist() == [6000] * 10
-    assert 60 < images.mean() < 90                     # real clothing, not zeros or noise
-    test_images, test_labels = intl.load_fashion_mnist(train=False)
-    assert test_images.shape == (10000, 28, 28) and np.bincount(test_labels).tolist() == [1000] * 10
-    x, y = intl.ArrayImages(images, labels, torchvision.transforms.ToTensor())[0]
-    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and y == labels[0]
-    assert torch.equal((x[0, 2:30, 2:30] * 255).round().byte(), torch.from_numpy(images[0]))
-    assert x[:, :2].sum() == 0                         # padded with black to 32 px
+# ----------------------------------------------------------------------------- resuming: only the run that made it
+def resume_args(data, *extra):
+    """7 images, batch 4: one step per epoch on one process and on two (7 // 4)."""
+    return ["--data", str(data), "--arch", "resnet18", "--small-images", "--projector", "64-64", "--workers", "0",
+            "--print-freq", "1", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0", *map(str, extra)]
 
 
-def test_knn_majority_vote():
-    # raw features: class 0 lies near the query in Euclidean distance, class 1 in direction
-    bank = torch.tensor([[1.0, 0.4], [1.2, 0.5], [5.0, 0.0], [6.0, 0.1]])
-    labels = torch.tensor([0, 0, 1, 1])
-    q = torch.tensor([[4.0, 0.0], [1.0, 0.5]])
-    assert intl.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [1, 0]
-    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2).tolist() == [0]   # not by direction,
-    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2, temperature=0.07).tolist() == [1]   # as here
-    # a 2-2 tie: the smallest label wins, even when the other class holds the nearest images
-    tie = torch.tensor([[0.1, 0], [0.2, 0], [0.3, 0], [0.4, 0], [5.0, 0]])
-    assert intl.knn_predict(tie, torch.tensor([3, 3, 1, 1, 0]), torch.zeros(1, 2), k=4).tolist() == [1]
-    # fewer bank images than k: k is the bank size
-    assert intl.knn_predict(bank, labels, q, k=20).tolist() == intl.knn_predict(bank, labels, q, k=4).tolist()
+@pytest.fixture(scope="module")
+def paused_run(tmp_path_factory):
+    """A real one-process INTL checkpoint after epoch 1 of 2 (7 images), and its data folder."""
+    root = tmp_path_factory.mktemp("paused")
+    data = image_folder(str(root / "data"), n_per_class=4, size=32)
+    os.remove(os.path.join(data, "train", "class1", "img3.jpg"))
+    train_in_process(*resume_args(data, "--stop-epoch", "1", "--output-dir", root / "out"))
+    return data, root / "out" / "checkpoint.pth"
+
+
+def copy_checkpoint(paused_run, out):
+    os.makedirs(out, exist_ok=True)
+    (out / "checkpoint.pth").write_bytes(paused_run[1].read_bytes())
+    return out
+
+
+def on_one_thread(run, *argv):
+    """run(argv) in this process (no interpreter start-up) on one thread, as torchrun's processes
+    run: two threads on two busy cores spin, ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(list(map(str, argv)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_in_process(*argv):
+    """intl.py's training as its command line runs it."""
+    return on_one_thread(lambda a: intl.train(intl.parse_args(a)), *argv)
+
+
+def one_line_exit(call, *words):
+    """`call` stops as intl.fail does: SystemExit with a one-line message holding `words`."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_resume_with_other_settings_is_refused_unless_asked_and_then_rescaled(paused_run, tmp_path, capsys):
+    data, _ = paused_run
+    out = copy_checkpoint(paused_run, tmp_path / "out")
+    good = sha(out / "checkpoint.pth")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--lr", "0.1")),
+                  "batch-size 4 -> 2, lr 0.3 -> 0.1", "steps-per-epoch 1 -> 3", "--allow-changed-args")
+    assert sha(out / "checkpoint.pth") == good
+    # asked: the step moves to the same point of the schedule (epoch 1 of 2 = step 3 of 6), not 1 of 6
+    train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--allow-changed-args"))
+    assert "continuing after epoch 1 at step 3 of 6 (step 1 in the file)" in capsys.readouterr().out
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
+    lrs = [r["lr"] for r in read_log(out) if "lr" in r]
+    assert lrs[-3:] == [intl.learning_rate(s, 6, 0, 0.3 * 2 / 256) for s in (3, 4, 5)]
+    # finished: said, nothing trained, nothing written; settings that do not change the maths pass
+    good = sha(out / "checkpoint.pth")
+    train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--print-freq", "5", "--seed", "3"))
+    assert "is at epoch 2 of 2: the run is finished" in capsys.readouterr().out
+    assert sha(out / "checkpoint.pth") == good
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2",
+                                                        "--epochs", "3")), "epochs 2 -> 3")
+
+
+def torchrun(*args, cwd=None):
+    """Two CPU processes (gloo) under the real launcher."""
+    cmd = [*TORCHRUN, "--nproc_per_node=2", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd)
+
+
+def test_resuming_on_more_processes_gives_each_rank_its_own_stream(paused_run, tmp_path):
+    data, _ = paused_run
+    out = copy_checkpoint(paused_run, tmp_path / "out")
+    p = torchrun(os.path.join(HERE, "intl.py"), *resume_args(data, "--output-dir", out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "2 process(es)" in p.stdout
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    a, b = ckpt["rng"]
+    assert not torch.equal(a["torch"], b["torch"])
+    assert not np.array_equal(a["numpy"][1], b["numpy"][1]) and a["python"] != b["python"]
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)          # the global batch and the schedule kept
+
+
+def test_rank0_decides_to_resume_and_every_rank_continues_from_what_it_read(paused_run, tmp_path):
+    """Two nodes without a shared disk: the same --output-dir is a folder of each node's own, and
+    only node 0's holds the checkpoint. Each rank runs in its node's folder."""
+    data, _ = paused_run
+    for r in (0, 1):
+        os.makedirs(tmp_path / f"node{r}" / "out")
+    copy_checkpoint(paused_run, tmp_path / "node0" / "out")
+    (tmp_path / "node.py").write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import intl\n"
+        "os.chdir(f\"node{os.environ['RANK']}\")\n"
+        "backbone, rank = intl.train(intl.parse_args(sys.argv[1:]))\n"
+        "torch.save(dict(backbone.named_parameters()), f'weights.rank{rank}.pth')\n")
+    p = torchrun("node.py", *resume_args(data, "--output-dir", "out"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from out/checkpoint.pth at epoch 1" in p.stdout
+    ckpt = torch.load(tmp_path / "node0" / "out" / "checkpoint.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)
+    w0, w1 = (torch.load(tmp_path / f"node{r}" / f"weights.rank{r}.pth") for r in (0, 1))
+    for key in w0:      # DDP keeps the weights of ranks equal only if they started equal
+        assert torch.equal(w0[key], w1[key]), key
+    assert os.listdir(tmp_path / "node1" / "out") == []
+
+
+def test_eval_refuses_a_checkpoint_made_from_another_backbone(folder, backbone_pth, tmp_path, capsys):
+    out = tmp_path / "linear"
+    linear = ["--epochs", "1", "--schedule", "cos"]
+    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(backbone_pth), *linear))
+    other = tmp_path / "other" / "backbone.pth"
+    other.parent.mkdir()
+    torch.save(probe_backbone(folder, seed=1).state_dict(), other)
+    msg = one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear)),
+                        f"backbone {backbone_pth} (sha256 {sha(backbone_pth)[:12]}) -> {other} (sha256 {sha(other)[:12]})",
+                        "--restart")
+    assert torch.load(out / "checkpoint.pth")["args"]["pretrained"] == str(backbone_pth), msg
+    # asked: it starts afresh from the new backbone, and says so
+    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear, "--restart"))
+    assert "--restart: starting afresh" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pth")["args"]["pretrained_sha256"] == sha(other)
+    # the same content at another path is the same backbone: resumed (and finished)
+    moved = tmp_path / "moved.pth"
+    moved.write_bytes(other.read_bytes())
+    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(moved), *linear))
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_path):
+    data, ckpt_path = paused_run
+    base = resume_args(data, "--output-dir", tmp_path / "out")
+    bad = [(["--projector", "abc"], "--projector abc"), (["--projector", "64-"], "--projector 64-"),
+           (["--projector", "0"], "--projector 0"), (["--projector", "64-1"], "(the embedding) at least 2"),
+           (["--workers", "-1"], "--workers must be 0 or more"),
+           (["--lr", "-1"], "--lr must be positive"), (["--lr", "nan"], "--lr must be positive"),
+           (["--subset", "-20"], "--subset must be 0 or more"), (["--stop-epoch", "-1"], "--stop-epoch"),
+           (["--momentum", "1.5"], "--momentum must be in [0, 1]")]
+    for extra, words in bad:
+        one_line_exit(lambda: intl.parse_args(base + extra), words)
+    assert_one_line_error(run_intl(*base, "--projector", "64-", check=False), "--projector 64-")
+    for extra, words in [(["--workers", "-1"], "--workers"), (["--lr", "-1"], "--lr"), (["--subset", "-20"], "--subset"),
+                         (["--stop-epoch", "-1"], "--stop-epoch"), (["--epochs", "x"], "--epochs")]:
+        one_line_exit(lambda: eval_linear.parse_args(["--data", str(data)] + extra), words)
+    # the output folder is checked before any work
+    (tmp_path / "a-file").write_text("")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", tmp_path / "a-file")),
+                  "a-file: a file, not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    unwritable = locked if not os.access(locked, os.W_OK) else "/sys"    # root writes anywhere but in /sys
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", unwritable)), f"--output-dir {unwritable}")
+    # files of the wrong kind say what they are and what the run expected
+    out = copy_checkpoint(paused_run, tmp_path / "kinds")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--method", "intl-m")),
+                  "it holds INTL resnet18 (small images) --projector 64-64, this run builds INTL-M resnet18")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--projector", "32-64")),
+                  "--projector 64-64, this run builds INTL resnet18 (small images) --projector 32-64")
+    torch.save(resnet_backbone("resnet18", True)[0].state_dict(), tmp_path / "backbone.pth")
+    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--resume", tmp_path / "backbone.pth")),
+                  "holds a bare backbone", "not intl.py's checkpoint.pth")
+    one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, tmp_path / "e", "--resume", ckpt_path)),
+                  "holds intl.py's checkpoint.pth, not eval_linear.py's")
+    # --amp off -> fp16 is a valid switch: a fresh GradScaler, which then steps the resumed SGD
+    args = intl.parse_args(resume_args(data, "--output-dir", out, "--amp", "fp16"))
+    online, _, target = intl.build_model(args, torch.device("cpu"), 1)
+    optimizer, scaler = intl.build_optimizer(online, args, torch.device("cpu"))
+    assert intl.resume_from(ckpt_path, online, target, optimizer, scaler, None, args, 0, 1) == (1, 1)
+    assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    before = online.projector[0].weight.detach().clone()
+    scaler.scale(online.projector(torch.randn(4, 512)).pow(2).sum()).backward()
+    scaler.step(optimizer)
+    assert not torch.equal(before, online.projector[0].weight)
+
+
+# ----------------------------------------------------------------------------- faults of long runs
+# unreadable files, a kill and a resume, divergence, a full disk, torchrun restarts
+def png_header_only(path, width, height):
+    """A PNG that declares width × height pixels (and holds none): over Pillow's bomb limit."""
+    chunk = lambda kind, data: (len(data).to_bytes(4, "big") + kind + data      # noqa: E731
+                                + zlib.crc32(kind + data).to_bytes(4, "big"))
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def add_unreadable_files(d):
+    """The four ways a file of a real folder fails to decode; returns their paths."""
+    empty, truncated, text, bomb = (os.path.join(d, n) for n in ["empty.jpg", "cut.jpg", "notes.jpg", "huge.png"])
+    open(empty, "wb").close()
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_images(1, 64, 64)[0].permute(1, 2, 0).numpy()).save(buf, "JPEG")
+    with open(truncated, "wb") as f:
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with open(text, "w") as f:
+        f.write("not an image\n")
+    png_header_only(bomb, 20000, 20000)
+    return [empty, truncated, text, bomb]
+
+
+def test_unreadable_files_are_replaced_reported_once_and_counted(tmp_path):
+    """Both loaders: each unreadable file's slot gets another image, its path and reason are
+    reported once, the epoch counts them; past --max-bad-files the run stops in one line."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=2, size=32)
+    bad = add_unreadable_files(os.path.join(data, "train", "class1"))   # 4 of 8 files
+    out = tmp_path / "out"
+    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1",
+                 "--max-bad-files", "0.6", "--output-dir", out)
+    for path, why in zip(bad, ["0 bytes", "truncated", "not an image", "decompression bomb"]):
+        lines = [line for line in p.stderr.splitlines() if path in line]
+        assert len(lines) == 1 and why in lines[0], p.stderr
+    assert "4 unreadable images replaced" in p.stdout
+    epoch = read_log(out)[-1]
+    assert epoch["unreadable"] == 4 and torch.load(out / "checkpoint.pth", weights_only=False)["step"] == 2
+    # --gpu-aug (load_capped, in a data worker) with the default limit, 1 %: a one-line stop
+    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1",
+                 "--gpu-aug", "--workers", "1", "--output-dir", tmp_path / "gpu", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert last.startswith("error: ") and "of 8 images unreadable" in last and "--max-bad-files 0.01" in last
+
+
+def test_eval_linear_replaces_and_counts_unreadable_files(folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    open(data / "train" / "n00000001" / "empty.png", "wb").close()
+    png_header_only(data / "val" / "n00000002" / "huge.png", 20000, 20000)
+    p = run_eval(common(data, tmp_path / "out", "--epochs", "1", "--max-bad-files", "0.1"))
+    assert p.returncode == 0, p.stderr
+    assert "2 unreadable images replaced" in p.stdout and p.stderr.count("warning: unreadable") == 2
+    assert read_log(tmp_path / "out")[-1]["unreadable"] == 2
+
+
+def vm_peak_mib(load):
+    """Peak resident memory added while `load()` runs (Linux: the peak is reset first)."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    load()
+    return status("VmHWM") - before
+
+
+def test_16_bit_pngs_are_scaled_and_big_pngs_never_copied_at_full_size(tmp_path):
+    grey = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)      # up to 65472
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    for img in [faults.load_rgb(str(tmp_path / "grey16.png")), gpu_aug.load_capped(str(tmp_path / "grey16.png"))]:
+        assert img.mode == "RGB" and np.array_equal(np.asarray(img)[..., 1], (grey >> 8).astype(np.uint8))
+    # --gpu-aug's decoder on a 6000 × 4000 PNG (72 MB of pixels): no other full-size copy
+    ramp = np.linspace(0, 255, 6000, dtype=np.float32)
+    rgb = np.empty((4000, 6000, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = ramp[None, :], ramp[:4000, None], 90
+    Image.fromarray(rgb).save(tmp_path / "big.png", compress_level=1)
+    del rgb
+    out = []
+    peak = vm_peak_mib(lambda: out.append(gpu_aug.load_capped(str(tmp_path / "big.png"))))
+    assert out[0].size == (512, 341) and peak < 1.8 * 72, peak     # 184 MiB with a full-size RGB copy
+
+
+def test_hard_killed_run_resumes_mid_epoch_bit_identical_and_logs_each_step_once(tmp_path):
+    """--save-every-minutes saves mid-epoch (here after every step); a kill -9 then loses at
+    most that; the rerun skips what the epoch had seen, drops the log records written after the
+    checkpoint and the partial files of a save that was cut short."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=6, size=32)   # 3 steps of 4
+    args = ["--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1"]
+    run_intl(*args, "--output-dir", tmp_path / "straight")
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "intl.py"), *map(str, args), "--output-dir", str(out),
+                          "--save-every-minutes", "1e-6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "checkpoint.pth").exists() and p.poll() is None:
+        time.sleep(0.01)
+    p.kill()
+    p.wait()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 0 and 1 <= ckpt["step"] < 3                   # mid-epoch
+    (out / "checkpoint.pth.tmp4242").write_bytes(b"half a checkpoint")    # a kill during a save
+    p = run_intl(*args, "--output-dir", out)
+    assert f"resumed from {out / 'checkpoint.pth'} at epoch 0, step {ckpt['step']}" in p.stdout
+    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pth", "log.jsonl", "spectrum.jsonl"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    b = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    steps = lambda d: [(r["step"], "loss" in r) for r in read_log(d)]     # noqa: E731
+    assert steps(out) == steps(tmp_path / "straight") == [(1, True), (2, True), (3, True), (3, False)]
+    assert [r["epoch"] for r in read_log(out, "spectrum.jsonl")] == [1]
+
+
+@pytest.mark.parametrize("fused", [False, True])    # fused: skipped on the device, as on GPUs
+def test_a_non_finite_loss_skips_its_update_and_k_in_a_row_stop_the_run(fused, capsys):
+    args = argparse.Namespace(iters=4, whiten="channel", transform="iternorm")
+    online = tiny_bn_encoder()
+    optimizer = torch.optim.SGD(intl.param_groups(online, 1e-4), lr=0.1, momentum=0.9, fused=fused)
+    faults.zero_momentum(optimizer)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    views = [torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(v)) for v in range(2)]
+    counts = torch.zeros(3)
+    for poison in [True, True, False, True]:
+        before = [p.detach().clone() for p in online.parameters()]
+        momentum = [b.clone() for b in optimizer.state_dict()["state"][0].values()]
+        x = [v.clone() for v in views]
+        if poison:
+            x[1][0, 0, 0, 0] = float("nan")
+        loss = intl.train_step(online, online, None, optimizer, scaler, x, 0.99, 0.05, None, args)[0]
+        faults.count_nonfinite(counts, loss)
+        changed = any(not torch.equal(a, p) for a, p in zip(before, online.parameters()))
+        assert changed != poison and torch.isfinite(loss) != poison
+        assert torch.equal(momentum[0], optimizer.state_dict()["state"][0]["momentum_buffer"]) == poison
+    assert counts.tolist() == [3, 1, 2]                # skipped, current run, longest run
+    faults.check_nonfinite(counts, 3, 4, 0.1, rank=0)   # no run of 3: goes on
+    with pytest.raises(SystemExit) as e:
+        faults.check_nonfinite(counts, 2, 4, 0.1, rank=0)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.count("\n") == 0 and "2 steps in a row, by step 4 (lr 0.1)" in err
+
+
+def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(tmp_path):
+    """--lr 1e9: the weights blow up within a few steps; the run stops in one line naming the
+    step and the lr, and the checkpoint keeps the last finite weights."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=8, size=32)
+    out = tmp_path / "out"
+    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1", "--lr", "1e9",
+                 "--warmup-epochs", "0", "--save-every-minutes", "1e-6", "--output-dir", out, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    step = int(re.search(r"step (\d+) \(lr [0-9.e+]+\)", p.stderr).group(1))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert "not finite" in p.stderr and 1 <= ckpt["step"] < step
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    faults.save_atomic({"w": torch.ones(3)}, str(path))
+    good = sha(path)
+
+    def fill_the_disk(obj, f):
+        f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    with pytest.raises(SystemExit) as e:
+        faults.save_atomic({"w": torch.zeros(3)}, str(path))
+    msg = str(e.value.code)
+    assert msg.startswith("error: cannot save") and "disk is full" in msg and str(tmp_path) in msg
+    assert "\n" not in msg and "previous one is intact" in msg
+    assert os.listdir(tmp_path) == ["checkpoint.pth"] and sha(path) == good
+    (tmp_path / "backbone.pth.tmp77").write_bytes(b"cut short")
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")
+    faults.remove_partial_saves(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "notes.tmp"]
+
+
+def worker_pids(pid):
+    """RANK -> pid of each torchrun worker (the launcher's children)."""
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    ranks = {}
+    for c in children:
+        env = open(f"/proc/{c}/environ", "rb").read().split(b"\0")
+        ranks[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = int(c)
+    return ranks
+
+
+def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_an_uninterrupted_run(tmp_path):
+    """kill PID (SIGTERM) of rank 1 only: both ranks finish the step, rank 0 saves the position,
+    torchrun --max-restarts restarts them (c10d rendezvous), and the run resumes mid-epoch."""
+    data = image_folder(str(tmp_path / "data"), n_per_class=4, size=32)    # 2 steps of 4 per epoch
+
+    def torchrun(out, *extra):
+        cmd = [*TORCHRUN, "--nproc_per_node=2", *extra, os.path.join(HERE, "intl.py"), "--data", data, *SMALL, "--small-images",
+               "--batch-size", "4", "--epochs", "2", "--output-dir", str(out)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p = torchrun(tmp_path / "straight")
+    straight = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, straight[-3000:]
+    p = torchrun(tmp_path / "restarted", "--max-restarts", "1")        # --standalone: c10d on a free port
+    lines = []
+    for line in p.stdout:               # rank 0 has caught the signals once it prints this
+        lines.append(line)
+        if line.startswith("INTL:"):
+            os.kill(worker_pids(p.pid)[1], signal.SIGTERM)
+            break
+    out = "".join(lines) + p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-3000:]
+    stop = re.search(r"stopped by a signal to another rank after step (\d+)", out)
+    assert stop and out.count("stopped by") == 1, out[-3000:]
+    assert f"at epoch 0, step {stop.group(1)}" in out                      # resumed mid-epoch
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "restarted" / "checkpoint.pth", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        intl.autocast_dtype("fp16", torch.device("cpu"), str(tmp_path))
+    assert str(e.value.code).startswith("error: --amp fp16 on the CPU") and "\n" not in str(e.value.code)
+
+
+    assert "ep 1/1 step 2/2" in out and out.count("5-NN top-1 on 50 Fashion-MNIST test images") == 2
+
+
+# ----------------------------------------------------------------------------- figures
+def test_figures_from_a_real_fashion_mnist_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run_intl("--data", "fashion-mnist", "--subset", "8", *SMALL, "--batch-size", "4", "--epochs", "2",
+             "--output-dir", run)
+    for figure, runs in [("maths", []), ("spectrum", [run]), ("ablation", [run, run])]:
+        out = tmp_path / "docs" / f"{figure}.png"
+        subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), figure, *map(str, runs), "--out", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        with Image.open(out) as img:
+            img.load()                        # decodes
+            assert img.width > 300 and img.height > 200
+        assert os.path.getsize(out) < 200 * 1024
+    p = subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), "spectrum", str(tmp_path), "--out",
+                        str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "spectrum.jsonl not found" in p.stderr
 
 
 # ============================================================================= eval_linear.py
@@ -683,15 +1346,94 @@ def test_subset_list_parsing(folder, tmp_path):
     assert_one_line_error(proc, "n00000003_99.png")
 
 
+# ----------------------------------------------------------------------------- evaluation protocols
+def test_centre_view_is_bilinear_resize_then_centre_crop():
+    """torchvision's default Resize(256) (bilinear, antialiased) + CenterCrop(224), pixel for pixel."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))   # noise: every
+    want = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])(img)
+    got = intl.eval_transform(small_images=False)(img)                          # interpolation differs
+    assert got.shape == (3, 224, 224) and torch.equal(got, want)
+    small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert torch.equal(intl.eval_transform(small_images=True)(small),
+                       T.Normalize(MEAN, STD)(T.ToTensor()(small)))
+
+
+def test_linear_probe_on_separable_features_and_its_exponential_lr():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=g) * 3
+    y, yv = torch.randint(0, 4, (2500,), generator=g), torch.randint(0, 4, (500,), generator=g)
+    x, xv = centres[y] + torch.randn(2500, 32, generator=g), centres[yv] + torch.randn(500, 32, generator=g)
+    records = []
+    torch.manual_seed(0)
+    acc1, acc5 = eval_linear.train_probe(x, y, xv, yv, 4, epochs=20, every=1, report=records.append)
+    assert acc1 >= 98 and acc5 == 100 and (acc1, acc5) == (records[-1]["acc1"], records[-1]["acc5"])
+    assert [r["epoch"] for r in records] == list(range(1, 21))
+    # epoch e (from 0) of E runs at 1e-2 (1e-6 / 1e-2)^(e/E): the authors' per-epoch ExponentialLR
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 * 1e-4 ** (e / 20) for e in range(20)], rel=1e-12)
+    assert records[0]["lr"] == 1e-2 and eval_linear.exp_lr(20, 20, 1e-2) == pytest.approx(1e-6, rel=1e-12)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_features_protocol_end_to_end(folder, backbone_pth, tmp_path):
+    """python eval_linear.py --protocol features: progress lines, log.jsonl, the probe's accuracy."""
+    out = tmp_path / "features"
+    args = common(folder, out, "--pretrained", str(backbone_pth), "--protocol", "features",
+                  "--epochs", "40", "--print-freq", "10")
+    args[args.index("--batch-size") + 1] = "1000"
+    p = run_eval(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "linear probe on features: 24 train / 12 val images, 512 features" in p.stdout
+    assert p.stdout.count("top-5") == 5   # epochs 10, 20, 30, 40, and the result
+    rec = read_log(out)
+    assert [r.get("epoch") for r in rec[:4]] == [10, 20, 30, 40]
+    assert [r["lr"] for r in rec[:4]] == pytest.approx([1e-2 * 1e-4 ** (e / 40) for e in (9, 19, 29, 39)])
+    assert rec[4]["protocol"] == "features" and rec[4]["acc1"] == rec[3]["acc1"] >= 90   # chance: 33 %
+    assert not os.path.exists(out / "checkpoint.pth")
+
+
+def test_features_protocol_encodes_each_image_once(folder, backbone_pth, tmp_path, monkeypatch):
+    """The backbone sees each training and val image once, whatever the epochs: the features
+    are computed before the probe's first epoch and reused."""
+    seen, make = [], eval_linear.resnet_backbone
+
+    def counted_backbone(*args, **kwargs):
+        net, dim = make(*args, **kwargs)
+        net.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+        return net, dim
+    monkeypatch.setattr(eval_linear, "resnet_backbone", counted_backbone)
+    result = eval_linear.main(common(folder, tmp_path / "o", "--pretrained", str(backbone_pth),
+                                     "--protocol", "features", "--epochs", "30", "--batch-size", "5"))
+    assert sum(seen) == 24 + 12 and max(seen) == 5 and result["acc1"] >= 90
+
+
+def test_protocol_defaults_and_bad_combinations(folder, tmp_path):
+    parse = eval_linear.parse_args
+    for data in ["fashion-mnist", "cifar10", "cifar100"]:
+        a = parse(["--data", data])
+        assert (a.protocol, a.epochs, a.batch_size, a.lr) == ("features", 500, 1000, 0.01)
+    a = parse(["--data", str(folder)])
+    assert (a.protocol, a.epochs, a.batch_size, a.lr, a.schedule) == ("images", 100, 256, 0.4, "step")
+    a = parse(["--data", "fashion-mnist", "--weights", "finetune"])
+    assert (a.protocol, a.epochs, a.schedule) == ("images", 20, "const")
+    assert parse(["--data", "cifar10", "--protocol", "images"]).epochs == 100
+    finetune = common(folder, tmp_path, "--protocol", "features", "--weights", "finetune")
+    assert_one_line_error(run_eval(finetune), "--protocol features", "--weights finetune")
+    assert_one_line_error(run_eval(common(folder, tmp_path, "--protocol", "features", "--schedule", "cos")),
+                          "--schedule")
+
+
 # ----------------------------------------------------------------------------- run_imagenet.sh
 # the paper's rows, written out: epochs, lr, method, multi-crop, linear lr, backbone lr of
 # fine-tuning (None: no semi-supervised stage), arch, projector, batch, weight decay
-PAPER_ROWS = {"100": (100, 0.5, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5),
-              "200": (200, 0.4, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5),
-              "400": (400, 0.4, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5),
-              "800": (800, 0.3, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5),
-              "800-2view": (800, 0.3, "intl", False, 0.2, 0.006, "resnet50", "8192-8192-8192", 256, 1e-5),
-              "in100": (400, 0.5, "intl", False, 0.2, None, "resnet18", "4096-4096-8192", 128, 2.5e-5)}
+PAPER_ROWS = {"100": (100, 0.5, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5, 0.996),
+              "200": (200, 0.4, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5, 0.996),
+              "400": (400, 0.4, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5, 0.996),
+              "800": (800, 0.3, "intl-m", True, 0.4, 0.004, "resnet50", "8192-8192-8192", 256, 1e-5, 0.996),
+              "800-2view": (800, 0.3, "intl", False, 0.2, 0.006, "resnet50", "8192-8192-8192", 256, 1e-5, 0.996),
+              "in100": (400, 0.5, "intl", False, 0.2, None, "resnet18", "4096-4096-8192", 128, 2.5e-5, 0.996),
+              "cifar10": (1000, 0.3, "intl", False, None, None, "resnet18", "2048-2048-2048", 256, 1e-4, 0.999),
+              "cifar100": (1000, 0.3, "intl", False, None, None, "resnet18", "2048-2048-2048", 256, 1e-4, 0.999)}
 
 
 def dry_run(tmp_path, **env):
@@ -712,24 +1454,32 @@ def test_run_imagenet_syntax():
 
 @pytest.mark.parametrize("schedule", sorted(PAPER_ROWS))
 def test_run_imagenet_hyper_parameters(schedule, tmp_path):
-    epochs, lr, method, multi_crop, linear_lr, backbone_lr, arch, projector, batch, wd = PAPER_ROWS[schedule]
+    epochs, lr, method, multi_crop, linear_lr, backbone_lr, arch, projector, batch, wd, m0 = PAPER_ROWS[schedule]
     cmds = dry_run(tmp_path, SCHEDULE=schedule, SUBSET_1="/lists/1percent.txt",
                    SUBSET_10="/lists/10percent.txt", NPROC="8", NNODES="4", NODE_RANK="2",
-                   MASTER_ADDR="10.1.2.3", MASTER_PORT="1234")
-    assert [c[0] for c in cmds] == ["torchrun"] * (4 if backbone_lr else 2)
+                   MASTER_ADDR="10.1.2.3", MASTER_PORT="1234",
+                   **({"DATA": ""} if schedule.startswith("cifar") else {}))
+    small = schedule in ("in100", "cifar10", "cifar100")          # k-NN reported, no SimCLR subsets
+    assert [c[0] for c in cmds] == ["torchrun"] * (4 if backbone_lr else 3 if small else 2)
     for c in cmds:
         assert {"--nproc_per_node=8", "--nnodes=4", "--node_rank=2", "--master_addr=10.1.2.3",
                 "--master_port=1234"} <= set(c)
         assert flag(c, "--arch") == arch
-    pretrain, linear, *semi = cmds
-    assert "intl.py" in pretrain and flag(pretrain, "--data") == "/data/imagenet"
+        assert flag(c, "--data") == (schedule if schedule.startswith("cifar") else "/data/imagenet")
+    pretrain, linear, *rest = cmds
+    assert "intl.py" in pretrain
     assert int(flag(pretrain, "--epochs")) == epochs and float(flag(pretrain, "--lr")) == lr
     assert flag(pretrain, "--method") == method and ("--multi-crop" in pretrain) == multi_crop
     assert flag(pretrain, "--projector") == projector and int(flag(pretrain, "--batch-size")) == batch
-    assert float(flag(pretrain, "--wd")) == wd and float(flag(pretrain, "--momentum")) == 0.996
-    assert "eval_linear.py" in linear and float(flag(linear, "--lr")) == linear_lr
-    assert flag(linear, "--pretrained") == flag(pretrain, "--output-dir") + "/backbone.pth"
-    for c, subset in zip(semi, ["/lists/1percent.txt", "/lists/10percent.txt"]):
+    assert float(flag(pretrain, "--wd")) == wd and float(flag(pretrain, "--momentum")) == m0
+    assert "eval_linear.py" in linear and flag(linear, "--pretrained") == flag(pretrain, "--output-dir") + "/backbone.pth"
+    if linear_lr:
+        assert float(flag(linear, "--lr")) == linear_lr
+    else:                                       # the small-data protocol on features
+        assert flag(linear, "--protocol") == "features" and "--lr" not in linear
+    if small:
+        assert "--knn" in rest[0] and flag(rest[0], "--pretrained") == flag(linear, "--pretrained")
+    for c, subset in zip(rest if backbone_lr else [], ["/lists/1percent.txt", "/lists/10percent.txt"]):
         assert flag(c, "--weights") == "finetune" and flag(c, "--train-subset") == subset
         assert int(flag(c, "--epochs")) == 20 and float(flag(c, "--lr-classifier")) == 0.2
         assert float(flag(c, "--lr-backbone")) == backbone_lr
@@ -1237,746 +1987,6 @@ def test_quick_start_prints_its_command_and_the_knn_check(tmp_path, capsys, monk
     assert f"; 5-NN top-1 {top1(trained):.1f}%" in out
     assert f"5-NN top-1 of the same network at random init: {top1(random_init):.1f}%" in out
     assert read_log(tmp_path)[-1]["knn5_top1"] == pytest.approx(top1(trained))
-
-
-# ============================================================================= evaluation protocols
-def test_centre_view_is_bilinear_resize_then_centre_crop():
-    """torchvision's default Resize(256) (bilinear, antialiased) + CenterCrop(224), pixel for pixel."""
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))   # noise: every
-    want = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])(img)
-    got = intl.eval_transform(small_images=False)(img)                          # interpolation differs
-    assert got.shape == (3, 224, 224) and torch.equal(got, want)
-    small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    assert torch.equal(intl.eval_transform(small_images=True)(small),
-                       T.Normalize(MEAN, STD)(T.ToTensor()(small)))
-
-
-def test_linear_probe_on_separable_features_and_its_exponential_lr():
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(4, 32, generator=g) * 3
-    y, yv = torch.randint(0, 4, (2500,), generator=g), torch.randint(0, 4, (500,), generator=g)
-    x, xv = centres[y] + torch.randn(2500, 32, generator=g), centres[yv] + torch.randn(500, 32, generator=g)
-    records = []
-    torch.manual_seed(0)
-    acc1, acc5 = eval_linear.train_probe(x, y, xv, yv, 4, epochs=20, every=1, report=records.append)
-    assert acc1 >= 98 and acc5 == 100 and (acc1, acc5) == (records[-1]["acc1"], records[-1]["acc5"])
-    assert [r["epoch"] for r in records] == list(range(1, 21))
-    # epoch e (from 0) of E runs at 1e-2 (1e-6 / 1e-2)^(e/E): the authors' per-epoch ExponentialLR
-    assert [r["lr"] for r in records] == pytest.approx([1e-2 * 1e-4 ** (e / 20) for e in range(20)], rel=1e-12)
-    assert records[0]["lr"] == 1e-2 and eval_linear.exp_lr(20, 20, 1e-2) == pytest.approx(1e-6, rel=1e-12)
-    assert records[-1]["loss"] < records[0]["loss"]
-
-
-def test_features_protocol_end_to_end(folder, backbone_pth, tmp_path):
-    """python eval_linear.py --protocol features: progress lines, log.jsonl, the probe's accuracy."""
-    out = tmp_path / "features"
-    args = common(folder, out, "--pretrained", str(backbone_pth), "--protocol", "features",
-                  "--epochs", "40", "--print-freq", "10")
-    args[args.index("--batch-size") + 1] = "1000"
-    p = run_eval(args)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "linear probe on features: 24 train / 12 val images, 512 features" in p.stdout
-    assert p.stdout.count("top-5") == 5   # epochs 10, 20, 30, 40, and the result
-    rec = read_log(out)
-    assert [r.get("epoch") for r in rec[:4]] == [10, 20, 30, 40]
-    assert [r["lr"] for r in rec[:4]] == pytest.approx([1e-2 * 1e-4 ** (e / 40) for e in (9, 19, 29, 39)])
-    assert rec[4]["protocol"] == "features" and rec[4]["acc1"] == rec[3]["acc1"] >= 90   # chance: 33 %
-    assert not os.path.exists(out / "checkpoint.pth")
-
-
-def test_features_protocol_encodes_each_image_once(folder, backbone_pth, tmp_path, monkeypatch):
-    """The backbone sees each training and val image once, whatever the epochs: the features
-    are computed before the probe's first epoch and reused."""
-    seen, make = [], eval_linear.resnet_backbone
-
-    def counted_backbone(*args, **kwargs):
-        net, dim = make(*args, **kwargs)
-        net.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
-        return net, dim
-    monkeypatch.setattr(eval_linear, "resnet_backbone", counted_backbone)
-    result = eval_linear.main(common(folder, tmp_path / "o", "--pretrained", str(backbone_pth),
-                                     "--protocol", "features", "--epochs", "30", "--batch-size", "5"))
-    assert sum(seen) == 24 + 12 and max(seen) == 5 and result["acc1"] >= 90
-
-
-def test_protocol_defaults_and_bad_combinations(folder, tmp_path):
-    parse = eval_linear.parse_args
-    for data in ["fashion-mnist", "cifar10", "cifar100"]:
-        a = parse(["--data", data])
-        assert (a.protocol, a.epochs, a.batch_size, a.lr) == ("features", 500, 1000, 0.01)
-    a = parse(["--data", str(folder)])
-    assert (a.protocol, a.epochs, a.batch_size, a.lr, a.schedule) == ("images", 100, 256, 0.4, "step")
-    a = parse(["--data", "fashion-mnist", "--weights", "finetune"])
-    assert (a.protocol, a.epochs, a.schedule) == ("images", 20, "const")
-    assert parse(["--data", "cifar10", "--protocol", "images"]).epochs == 100
-    finetune = common(folder, tmp_path, "--protocol", "features", "--weights", "finetune")
-    assert_one_line_error(run_eval(finetune), "--protocol features", "--weights finetune")
-    assert_one_line_error(run_eval(common(folder, tmp_path, "--protocol", "features", "--schedule", "cos")),
-                          "--schedule")
-
-
-# ----------------------------------------------------------------------------- CIFAR
-def fake_cifar(root, name, n_per_batch=8, seed=0):
-    """A small CIFAR folder in torchvision's on-disk format (pickled batches of 3072-byte rows,
-    red plane, green plane, blue plane); returns the images as (N, 32, 32, 3) and the labels."""
-    rng = np.random.RandomState(seed)
-    folder, files, key = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels"),
-                          "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels")}[name]
-    os.makedirs(os.path.join(root, folder))
-    out = {}
-    for f in files:
-        hwc = (rng.rand(n_per_batch, 32, 32, 3) * 255).astype(np.uint8)
-        hwc[:, :16] //= 2                                   # not symmetric in any axis
-        labels = rng.randint(0, 10 if name == "cifar10" else 100, n_per_batch).tolist()
-        rows = hwc.transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)
-        with open(os.path.join(root, folder, f), "wb") as fh:
-            pickle.dump({key.encode(): labels, b"data": rows, b"filenames": [b"x.png"] * n_per_batch}, fh)
-        out[f] = (hwc, labels)
-    return out
-
-
-@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_batches_are_read_pixel_for_pixel(name, tmp_path, monkeypatch):
-    written = fake_cifar(str(tmp_path / "data"), name)
-    monkeypatch.chdir(tmp_path)
-    images, labels = intl.load_cifar(name, train=True)
-    train = [v for k, v in written.items() if "test" not in k]
-    assert np.array_equal(images, np.concatenate([hwc for hwc, _ in train]))
-    assert labels.tolist() == sum((lab for _, lab in train), [])
-    test_images, _ = intl.load_cifar(name, train=False)
-    img, label = intl.ArrayImages(test_images, labels, T.PILToTensor())[3]
-    assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(written["test_batch" if name == "cifar10" else "test"][0][3]))
-
-
-def test_cifar_missing_and_not_downloadable_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-
-    def offline(*a, **kw):
-        raise RuntimeError("no network")
-    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
-    with pytest.raises(SystemExit) as e:
-        intl.load_cifar("cifar100")
-    assert "cifar100 is not in ./data/cifar-100-python" in str(e.value) and "\n" not in str(e.value)
-
-
-def test_cifar_run_uses_the_authors_setting(tmp_path):
-    """--data cifar10: the 3x3 stem, CIFAR-10's mean/std, weight decay on every parameter, fp32,
-    and as many data workers as this machine has cores (no torch warning)."""
-    fake_cifar(str(tmp_path / "data"), "cifar10")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "intl.py"), "--data", "cifar10", "--arch", "resnet18",
-                        "--projector", "32-32", "--batch-size", "8", "--epochs", "1", "--wd", "1e-4",
-                        "--output-dir", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "autocast off" in p.stdout and "5 steps/epoch" in p.stdout
-    assert "suggested max number of worker" not in p.stderr
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)
-    assert ckpt["model"]["backbone.conv1.weight"].shape[-1] == 3
-    groups = ckpt["optimizer"]["param_groups"]
-    assert groups[0]["weight_decay"] == 1e-4 and len(groups[0]["params"]) == len(ckpt["model"]) - sum(
-        "running" in k or "num_batches" in k for k in ckpt["model"])        # every parameter decays
-    assert ckpt["args"]["workers"] == min(8, intl.CPU_CORES)
-    recipe = intl.crop_recipe(argparse.Namespace(**ckpt["args"]))
-    assert [c.mean for c in recipe] == [(0.4914, 0.4822, 0.4465)] * 2 and [c.p_solarize for c in recipe] == [0.0, 0.2]
-
-
-def test_bad_data_fails_before_the_model_is_built(monkeypatch):
-    def build_model(*a):
-        raise AssertionError("the model was built before --data was checked")
-    monkeypatch.setattr(intl, "build_model", build_model)
-    with pytest.raises(SystemExit) as e:
-        intl.train(intl.parse_args(["--data", "/nowhere/at/all"]))
-    assert "not found" in str(e.value)
-
-
-def test_cifar_features_see_the_cifar10_test_normalisation(tmp_path, monkeypatch):
-    written = fake_cifar(str(tmp_path / "data"), "cifar100")
-    monkeypatch.chdir(tmp_path)
-    train, val, classes = eval_linear.datasets(eval_linear.parse_args(["--data", "cifar100"]), True)
-    assert (len(train), len(val), classes) == (8, 8, 100)
-    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.261])
-    # the CIFAR-10 mean/std for CIFAR-100 too, and no augmentation on the training images either
-    for ds, name in [(val, "test"), (train, "train")]:
-        hwc, labels = written[name]
-        img = torch.from_numpy(hwc[3]).permute(2, 0, 1).float() / 255
-        x, y = ds[3]
-        assert y == labels[3] and torch.allclose(x, (img - mean[:, None, None]) / std[:, None, None], atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- resuming: only the run that made it
-def resume_args(data, *extra):
-    """7 images, batch 4: one step per epoch on one process and on two (7 // 4)."""
-    return ["--data", str(data), "--arch", "resnet18", "--small-images", "--projector", "64-64", "--workers", "0",
-            "--print-freq", "1", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0", *map(str, extra)]
-
-
-@pytest.fixture(scope="module")
-def paused_run(tmp_path_factory):
-    """A real one-process INTL checkpoint after epoch 1 of 2 (7 images), and its data folder."""
-    root = tmp_path_factory.mktemp("paused")
-    data = image_folder(str(root / "data"), n_per_class=4, size=32)
-    os.remove(os.path.join(data, "train", "class1", "img3.jpg"))
-    train_in_process(*resume_args(data, "--stop-epoch", "1", "--output-dir", root / "out"))
-    return data, root / "out" / "checkpoint.pth"
-
-
-def copy_checkpoint(paused_run, out):
-    os.makedirs(out, exist_ok=True)
-    (out / "checkpoint.pth").write_bytes(paused_run[1].read_bytes())
-    return out
-
-
-def on_one_thread(run, *argv):
-    """run(argv) in this process (no interpreter start-up) on one thread, as torchrun's processes
-    run: two threads on two busy cores spin, ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run(list(map(str, argv)))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train_in_process(*argv):
-    """intl.py's training as its command line runs it."""
-    return on_one_thread(lambda a: intl.train(intl.parse_args(a)), *argv)
-
-
-def one_line_exit(call, *words):
-    """`call` stops as intl.fail does: SystemExit with a one-line message holding `words`."""
-    with pytest.raises(SystemExit) as e:
-        call()
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
-    for w in words:
-        assert w in msg, msg
-    return msg
-
-
-def test_resume_with_other_settings_is_refused_unless_asked_and_then_rescaled(paused_run, tmp_path, capsys):
-    data, _ = paused_run
-    out = copy_checkpoint(paused_run, tmp_path / "out")
-    good = sha(out / "checkpoint.pth")
-    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--lr", "0.1")),
-                  "batch-size 4 -> 2, lr 0.3 -> 0.1", "steps-per-epoch 1 -> 3", "--allow-changed-args")
-    assert sha(out / "checkpoint.pth") == good
-    # asked: the step moves to the same point of the schedule (epoch 1 of 2 = step 3 of 6), not 1 of 6
-    train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--allow-changed-args"))
-    assert "continuing after epoch 1 at step 3 of 6 (step 1 in the file)" in capsys.readouterr().out
-    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert (ckpt["epoch"], ckpt["step"]) == (2, 6)
-    lrs = [r["lr"] for r in read_log(out) if "lr" in r]
-    assert lrs[-3:] == [intl.learning_rate(s, 6, 0, 0.3 * 2 / 256) for s in (3, 4, 5)]
-    # finished: said, nothing trained, nothing written; settings that do not change the maths pass
-    good = sha(out / "checkpoint.pth")
-    train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2", "--print-freq", "5", "--seed", "3"))
-    assert "is at epoch 2 of 2: the run is finished" in capsys.readouterr().out
-    assert sha(out / "checkpoint.pth") == good
-    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--batch-size", "2",
-                                                        "--epochs", "3")), "epochs 2 -> 3")
-
-
-def torchrun(*args, cwd=None):
-    """Two CPU processes (gloo) under the real launcher."""
-    cmd = [*TORCHRUN, "--nproc_per_node=2", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd)
-
-
-def test_resuming_on_more_processes_gives_each_rank_its_own_stream(paused_run, tmp_path):
-    data, _ = paused_run
-    out = copy_checkpoint(paused_run, tmp_path / "out")
-    p = torchrun(os.path.join(HERE, "intl.py"), *resume_args(data, "--output-dir", out))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed from" in p.stdout and "2 process(es)" in p.stdout
-    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
-    a, b = ckpt["rng"]
-    assert not torch.equal(a["torch"], b["torch"])
-    assert not np.array_equal(a["numpy"][1], b["numpy"][1]) and a["python"] != b["python"]
-    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)          # the global batch and the schedule kept
-
-
-def test_rank0_decides_to_resume_and_every_rank_continues_from_what_it_read(paused_run, tmp_path):
-    """Two nodes without a shared disk: the same --output-dir is a folder of each node's own, and
-    only node 0's holds the checkpoint. Each rank runs in its node's folder."""
-    data, _ = paused_run
-    for r in (0, 1):
-        os.makedirs(tmp_path / f"node{r}" / "out")
-    copy_checkpoint(paused_run, tmp_path / "node0" / "out")
-    (tmp_path / "node.py").write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import intl\n"
-        "os.chdir(f\"node{os.environ['RANK']}\")\n"
-        "backbone, rank = intl.train(intl.parse_args(sys.argv[1:]))\n"
-        "torch.save(dict(backbone.named_parameters()), f'weights.rank{rank}.pth')\n")
-    p = torchrun("node.py", *resume_args(data, "--output-dir", "out"), cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed from out/checkpoint.pth at epoch 1" in p.stdout
-    ckpt = torch.load(tmp_path / "node0" / "out" / "checkpoint.pth", weights_only=False)
-    assert (ckpt["epoch"], ckpt["step"]) == (2, 2)
-    w0, w1 = (torch.load(tmp_path / f"node{r}" / f"weights.rank{r}.pth") for r in (0, 1))
-    for key in w0:      # DDP keeps the weights of ranks equal only if they started equal
-        assert torch.equal(w0[key], w1[key]), key
-    assert os.listdir(tmp_path / "node1" / "out") == []
-
-
-def test_eval_refuses_a_checkpoint_made_from_another_backbone(folder, backbone_pth, tmp_path, capsys):
-    out = tmp_path / "linear"
-    linear = ["--epochs", "1", "--schedule", "cos"]
-    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(backbone_pth), *linear))
-    other = tmp_path / "other" / "backbone.pth"
-    other.parent.mkdir()
-    torch.save(probe_backbone(folder, seed=1).state_dict(), other)
-    msg = one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear)),
-                        f"backbone {backbone_pth} (sha256 {sha(backbone_pth)[:12]}) -> {other} (sha256 {sha(other)[:12]})",
-                        "--restart")
-    assert torch.load(out / "checkpoint.pth")["args"]["pretrained"] == str(backbone_pth), msg
-    # asked: it starts afresh from the new backbone, and says so
-    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear, "--restart"))
-    assert "--restart: starting afresh" in capsys.readouterr().out
-    assert torch.load(out / "checkpoint.pth")["args"]["pretrained_sha256"] == sha(other)
-    # the same content at another path is the same backbone: resumed (and finished)
-    moved = tmp_path / "moved.pth"
-    moved.write_bytes(other.read_bytes())
-    on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(moved), *linear))
-    assert "already finished" in capsys.readouterr().out
-
-
-def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_path):
-    data, ckpt_path = paused_run
-    base = resume_args(data, "--output-dir", tmp_path / "out")
-    bad = [(["--projector", "abc"], "--projector abc"), (["--projector", "64-"], "--projector 64-"),
-           (["--projector", "0"], "--projector 0"), (["--projector", "64-1"], "(the embedding) at least 2"),
-           (["--workers", "-1"], "--workers must be 0 or more"),
-           (["--lr", "-1"], "--lr must be positive"), (["--lr", "nan"], "--lr must be positive"),
-           (["--subset", "-20"], "--subset must be 0 or more"), (["--stop-epoch", "-1"], "--stop-epoch"),
-           (["--momentum", "1.5"], "--momentum must be in [0, 1]")]
-    for extra, words in bad:
-        one_line_exit(lambda: intl.parse_args(base + extra), words)
-    assert_one_line_error(run_intl(*base, "--projector", "64-", check=False), "--projector 64-")
-    for extra, words in [(["--workers", "-1"], "--workers"), (["--lr", "-1"], "--lr"), (["--subset", "-20"], "--subset"),
-                         (["--stop-epoch", "-1"], "--stop-epoch"), (["--epochs", "x"], "--epochs")]:
-        one_line_exit(lambda: eval_linear.parse_args(["--data", str(data)] + extra), words)
-    # the output folder is checked before any work
-    (tmp_path / "a-file").write_text("")
-    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", tmp_path / "a-file")),
-                  "a-file: a file, not a folder")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    unwritable = locked if not os.access(locked, os.W_OK) else "/sys"    # root writes anywhere but in /sys
-    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", unwritable)), f"--output-dir {unwritable}")
-    # files of the wrong kind say what they are and what the run expected
-    out = copy_checkpoint(paused_run, tmp_path / "kinds")
-    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--method", "intl-m")),
-                  "it holds INTL resnet18 (small images) --projector 64-64, this run builds INTL-M resnet18")
-    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--projector", "32-64")),
-                  "--projector 64-64, this run builds INTL resnet18 (small images) --projector 32-64")
-    torch.save(resnet_backbone("resnet18", True)[0].state_dict(), tmp_path / "backbone.pth")
-    one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--resume", tmp_path / "backbone.pth")),
-                  "holds a bare backbone", "not intl.py's checkpoint.pth")
-    one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, tmp_path / "e", "--resume", ckpt_path)),
-                  "holds intl.py's checkpoint.pth, not eval_linear.py's")
-    # --amp off -> fp16 is a valid switch: a fresh GradScaler, which then steps the resumed SGD
-    args = intl.parse_args(resume_args(data, "--output-dir", out, "--amp", "fp16"))
-    online, _, target = intl.build_model(args, torch.device("cpu"), 1)
-    optimizer, scaler = intl.build_optimizer(online, args, torch.device("cpu"))
-    assert intl.resume_from(ckpt_path, online, target, optimizer, scaler, None, args, 0, 1) == (1, 1)
-    assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
-    before = online.projector[0].weight.detach().clone()
-    scaler.scale(online.projector(torch.randn(4, 512)).pow(2).sum()).backward()
-    scaler.step(optimizer)
-    assert not torch.equal(before, online.projector[0].weight)
-
-
-# ----------------------------------------------------------------------------- Spectral Transformation
-@pytest.mark.parametrize("whiten", ["channel", "batch"])
-def test_spectral_transform_half_power_is_zca_whitening(whiten):
-    shape = (12, 20) if whiten == "channel" else (20, 12)    # fewer variables than observations
-    z = torch.randn(*shape, dtype=torch.float64) @ torch.randn(shape[1], shape[1], dtype=torch.float64)
-    x = (z - z.mean(1, keepdims=True)) if whiten == "channel" else (z - z.mean(0, keepdims=True)).T
-    sigma = x.numpy() @ x.numpy().T / (x.shape[1] - 1)
-    lam, u = np.linalg.eigh(sigma)                      # ZCA: Σ^-1/2 x, unnormalised
-    zca = torch.from_numpy(u @ np.diag(lam ** -0.5) @ u.T @ x.numpy())
-    y = intl.spectral_transform(z, 0.5, whiten)
-    assert torch.allclose(y, zca if whiten == "channel" else zca.T, atol=1e-9)
-
-
-@pytest.mark.parametrize("whiten", ["channel", "batch"])
-def test_spectral_transform_zero_power_only_rescales(whiten):
-    z = torch.randn(10, 16, dtype=torch.float64)
-    zc = z - z.mean(1 if whiten == "channel" else 0, keepdims=True)
-    trace = (zc ** 2).sum() / ((16 if whiten == "channel" else 10) - 1)
-    assert torch.allclose(intl.spectral_transform(z, 0.0, whiten), zc / trace.sqrt(), atol=1e-12)
-
-
-@pytest.mark.parametrize("whiten", ["channel", "batch"])
-@pytest.mark.parametrize("power", [0.25, 0.75])
-def test_spectral_transform_output_spectrum_is_lambda_to_1_minus_2p(whiten, power):
-    lam = torch.tensor([3.0, 1.5, 1.0, 0.6, 0.3, 0.1], dtype=torch.float64)
-    y = intl.spectral_transform(with_eigenvalues(lam, 40, whiten), power, whiten)
-    x = intl.whitened_variables(y, whiten)
-    got = torch.linalg.eigvalsh(x @ x.T / (x.shape[1] - 1))
-    assert torch.allclose(got, torch.sort((lam / lam.sum()) ** (1 - 2 * power)).values, rtol=1e-9, atol=0)
-
-
-@pytest.mark.parametrize("whiten", ["channel", "batch"])
-def test_spectral_transform_gradient_matches_finite_differences(whiten):
-    lam = torch.tensor([3.0, 1.5, 0.8, 0.4, 0.1], dtype=torch.float64)     # well separated
-    z = with_eigenvalues(lam, 8, whiten).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: intl.spectral_transform(t, 0.25, whiten), (z,))
-
-
-def test_spectral_transform_clamps_null_eigenvalues_to_stay_finite():
-    # 16 samples of 4 features: channel whitening's 16 × 16 covariance has rank 3 (< 16)
-    z = torch.randn(16, 4, dtype=torch.float64)
-    assert not torch.isfinite(intl.spectral_transform(z, 0.5, eps=0.0)).all()    # 0^-p: the blow-up
-    y = intl.spectral_transform(z, 0.5)
-    assert torch.isfinite(y).all()
-    x = intl.whitened_variables(y, "channel")
-    got = torch.linalg.eigvalsh(x @ x.T / 3)
-    # the 3 real directions are whitened (λ^0 = 1); the 13 null ones stay (numerically) empty
-    assert torch.allclose(got[-3:], torch.ones(3, dtype=torch.float64), atol=1e-6) and got[:-3].abs().max() < 1e-6
-
-
-@pytest.mark.parametrize("transform", ["power", "none"])
-def test_end_to_end_transform_writes_the_spectrum_per_epoch(tmp_path, transform):
-    data = image_folder(str(tmp_path / "data"))
-    out = tmp_path / "out"
-    p = run_intl("--data", data, *SMALL, "--batch-size", "4", "--epochs", "2", "--transform", transform,
-                 "--output-dir", out)
-    assert f"{transform} output" in p.stdout and ("beta 0.0000" in p.stdout) == (transform == "none")
-    lines = [json.loads(line) for line in open(out / "spectrum.jsonl")]
-    assert [r["epoch"] for r in lines] == [1, 2]
-    for r in lines:
-        before, after = r["before"], r["after"]
-        assert len(before) == len(after) == 4 and before == sorted(before, reverse=True) and before[0] > 0
-        if transform == "none":        # the identity: the same eigenvalues
-            assert after == before
-        else:                          # ZCA (p = 0.5): every direction at 1
-            assert after == pytest.approx([1, 1, 1, 1], rel=1e-3) and before[-1] < 0.5 * before[0]
-    epochs = [json.loads(line) for line in open(out / "log.jsonl") if "iternorm" in line]
-    assert epochs[0]["projector"]["erank"] > 1 and "eigenvalues" not in epochs[0]["projector"]
-
-
-# ----------------------------------------------------------------------------- figures
-def test_figures_from_a_real_fashion_mnist_run(tmp_path):
-    pytest.importorskip("matplotlib")
-    run = tmp_path / "run"
-    run_intl("--data", "fashion-mnist", "--subset", "8", *SMALL, "--batch-size", "4", "--epochs", "2",
-             "--output-dir", run)
-    for figure, runs in [("maths", []), ("spectrum", [run]), ("ablation", [run, run])]:
-        out = tmp_path / "docs" / f"{figure}.png"
-        subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), figure, *map(str, runs), "--out", str(out)],
-                       check=True, capture_output=True, timeout=300)
-        with Image.open(out) as img:
-            img.load()                        # decodes
-            assert img.width > 300 and img.height > 200
-        assert os.path.getsize(out) < 200 * 1024
-    p = subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), "spectrum", str(tmp_path), "--out",
-                        str(tmp_path / "x.png")], capture_output=True, text=True)
-    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "spectrum.jsonl not found" in p.stderr
-
-
-# ============================================================================= faults of long runs
-# unreadable files, a kill and a resume, divergence, a full disk, torchrun restarts
-def png_header_only(path, width, height):
-    """A PNG that declares width × height pixels (and holds none): over Pillow's bomb limit."""
-    chunk = lambda kind, data: (len(data).to_bytes(4, "big") + kind + data      # noqa: E731
-                                + zlib.crc32(kind + data).to_bytes(4, "big"))
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
-
-
-def add_unreadable_files(d):
-    """The four ways a file of a real folder fails to decode; returns their paths."""
-    empty, truncated, text, bomb = (os.path.join(d, n) for n in ["empty.jpg", "cut.jpg", "notes.jpg", "huge.png"])
-    open(empty, "wb").close()
-    buf = io.BytesIO()
-    Image.fromarray(synthetic_images(1, 64, 64)[0].permute(1, 2, 0).numpy()).save(buf, "JPEG")
-    with open(truncated, "wb") as f:
-        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with open(text, "w") as f:
-        f.write("not an image\n")
-    png_header_only(bomb, 20000, 20000)
-    return [empty, truncated, text, bomb]
-
-
-def test_unreadable_files_are_replaced_reported_once_and_counted(tmp_path):
-    """Both loaders: each unreadable file's slot gets another image, its path and reason are
-    reported once, the epoch counts them; past --max-bad-files the run stops in one line."""
-    data = image_folder(str(tmp_path / "data"), n_per_class=2, size=32)
-    bad = add_unreadable_files(os.path.join(data, "train", "class1"))   # 4 of 8 files
-    out = tmp_path / "out"
-    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1",
-                 "--max-bad-files", "0.6", "--output-dir", out)
-    for path, why in zip(bad, ["0 bytes", "truncated", "not an image", "decompression bomb"]):
-        lines = [line for line in p.stderr.splitlines() if path in line]
-        assert len(lines) == 1 and why in lines[0], p.stderr
-    assert "4 unreadable images replaced" in p.stdout
-    epoch = read_log(out)[-1]
-    assert epoch["unreadable"] == 4 and torch.load(out / "checkpoint.pth", weights_only=False)["step"] == 2
-    # --gpu-aug (load_capped, in a data worker) with the default limit, 1 %: a one-line stop
-    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1",
-                 "--gpu-aug", "--workers", "1", "--output-dir", tmp_path / "gpu", check=False)
-    last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert last.startswith("error: ") and "of 8 images unreadable" in last and "--max-bad-files 0.01" in last
-
-
-def test_eval_linear_replaces_and_counts_unreadable_files(folder, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(folder, data)
-    open(data / "train" / "n00000001" / "empty.png", "wb").close()
-    png_header_only(data / "val" / "n00000002" / "huge.png", 20000, 20000)
-    p = run_eval(common(data, tmp_path / "out", "--epochs", "1", "--max-bad-files", "0.1"))
-    assert p.returncode == 0, p.stderr
-    assert "2 unreadable images replaced" in p.stdout and p.stderr.count("warning: unreadable") == 2
-    assert read_log(tmp_path / "out")[-1]["unreadable"] == 2
-
-
-def vm_peak_mib(load):
-    """Peak resident memory added while `load()` runs (Linux: the peak is reset first)."""
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    load()
-    return status("VmHWM") - before
-
-
-def test_16_bit_pngs_are_scaled_and_big_pngs_never_copied_at_full_size(tmp_path):
-    grey = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)      # up to 65472
-    Image.fromarray(grey).save(tmp_path / "grey16.png")
-    for img in [faults.load_rgb(str(tmp_path / "grey16.png")), gpu_aug.load_capped(str(tmp_path / "grey16.png"))]:
-        assert img.mode == "RGB" and np.array_equal(np.asarray(img)[..., 1], (grey >> 8).astype(np.uint8))
-    # --gpu-aug's decoder on a 6000 × 4000 PNG (72 MB of pixels): no other full-size copy
-    ramp = np.linspace(0, 255, 6000, dtype=np.float32)
-    rgb = np.empty((4000, 6000, 3), np.uint8)
-    rgb[..., 0], rgb[..., 1], rgb[..., 2] = ramp[None, :], ramp[:4000, None], 90
-    Image.fromarray(rgb).save(tmp_path / "big.png", compress_level=1)
-    del rgb
-    out = []
-    peak = vm_peak_mib(lambda: out.append(gpu_aug.load_capped(str(tmp_path / "big.png"))))
-    assert out[0].size == (512, 341) and peak < 1.8 * 72, peak     # 184 MiB with a full-size RGB copy
-
-
-def test_hard_killed_run_resumes_mid_epoch_bit_identical_and_logs_each_step_once(tmp_path):
-    """--save-every-minutes saves mid-epoch (here after every step); a kill -9 then loses at
-    most that; the rerun skips what the epoch had seen, drops the log records written after the
-    checkpoint and the partial files of a save that was cut short."""
-    data = image_folder(str(tmp_path / "data"), n_per_class=6, size=32)   # 3 steps of 4
-    args = ["--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1"]
-    run_intl(*args, "--output-dir", tmp_path / "straight")
-    out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "intl.py"), *map(str, args), "--output-dir", str(out),
-                          "--save-every-minutes", "1e-6"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (out / "checkpoint.pth").exists() and p.poll() is None:
-        time.sleep(0.01)
-    p.kill()
-    p.wait()
-    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert ckpt["epoch"] == 0 and 1 <= ckpt["step"] < 3                   # mid-epoch
-    (out / "checkpoint.pth.tmp4242").write_bytes(b"half a checkpoint")    # a kill during a save
-    p = run_intl(*args, "--output-dir", out)
-    assert f"resumed from {out / 'checkpoint.pth'} at epoch 0, step {ckpt['step']}" in p.stdout
-    assert sorted(os.listdir(out)) == ["backbone.pth", "checkpoint.pth", "log.jsonl", "spectrum.jsonl"]
-    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
-    b = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert a["step"] == b["step"] == 3
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    steps = lambda d: [(r["step"], "loss" in r) for r in read_log(d)]     # noqa: E731
-    assert steps(out) == steps(tmp_path / "straight") == [(1, True), (2, True), (3, True), (3, False)]
-    assert [r["epoch"] for r in read_log(out, "spectrum.jsonl")] == [1]
-
-
-@pytest.mark.parametrize("fused", [False, True])    # fused: skipped on the device, as on GPUs
-def test_a_non_finite_loss_skips_its_update_and_k_in_a_row_stop_the_run(fused, capsys):
-    args = argparse.Namespace(iters=4, whiten="channel", transform="iternorm")
-    online = tiny_bn_encoder()
-    optimizer = torch.optim.SGD(intl.param_groups(online, 1e-4), lr=0.1, momentum=0.9, fused=fused)
-    faults.zero_momentum(optimizer)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    views = [torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(v)) for v in range(2)]
-    counts = torch.zeros(3)
-    for poison in [True, True, False, True]:
-        before = [p.detach().clone() for p in online.parameters()]
-        momentum = [b.clone() for b in optimizer.state_dict()["state"][0].values()]
-        x = [v.clone() for v in views]
-        if poison:
-            x[1][0, 0, 0, 0] = float("nan")
-        loss = intl.train_step(online, online, None, optimizer, scaler, x, 0.99, 0.05, None, args)[0]
-        faults.count_nonfinite(counts, loss)
-        changed = any(not torch.equal(a, p) for a, p in zip(before, online.parameters()))
-        assert changed != poison and torch.isfinite(loss) != poison
-        assert torch.equal(momentum[0], optimizer.state_dict()["state"][0]["momentum_buffer"]) == poison
-    assert counts.tolist() == [3, 1, 2]                # skipped, current run, longest run
-    faults.check_nonfinite(counts, 3, 4, 0.1, rank=0)   # no run of 3: goes on
-    with pytest.raises(SystemExit) as e:
-        faults.check_nonfinite(counts, 2, 4, 0.1, rank=0)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and err.count("\n") == 0 and "2 steps in a row, by step 4 (lr 0.1)" in err
-
-
-def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(tmp_path):
-    """--lr 1e9: the weights blow up within a few steps; the run stops in one line naming the
-    step and the lr, and the checkpoint keeps the last finite weights."""
-    data = image_folder(str(tmp_path / "data"), n_per_class=8, size=32)
-    out = tmp_path / "out"
-    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1", "--lr", "1e9",
-                 "--warmup-epochs", "0", "--save-every-minutes", "1e-6", "--output-dir", out, check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    step = int(re.search(r"step (\d+) \(lr [0-9.e+]+\)", p.stderr).group(1))
-    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert "not finite" in p.stderr and 1 <= ckpt["step"] < step
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
-
-
-def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint.pth"
-    faults.save_atomic({"w": torch.ones(3)}, str(path))
-    good = sha(path)
-
-    def fill_the_disk(obj, f):
-        f.write(b"\0" * 1000)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(torch, "save", fill_the_disk)
-    with pytest.raises(SystemExit) as e:
-        faults.save_atomic({"w": torch.zeros(3)}, str(path))
-    msg = str(e.value.code)
-    assert msg.startswith("error: cannot save") and "disk is full" in msg and str(tmp_path) in msg
-    assert "\n" not in msg and "previous one is intact" in msg
-    assert os.listdir(tmp_path) == ["checkpoint.pth"] and sha(path) == good
-    (tmp_path / "backbone.pth.tmp77").write_bytes(b"cut short")
-    (tmp_path / "notes.tmp").write_bytes(b"not ours")
-    faults.remove_partial_saves(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "notes.tmp"]
-
-
-def worker_pids(pid):
-    """RANK -> pid of each torchrun worker (the launcher's children)."""
-    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    ranks = {}
-    for c in children:
-        env = open(f"/proc/{c}/environ", "rb").read().split(b"\0")
-        ranks[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = int(c)
-    return ranks
-
-
-def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_an_uninterrupted_run(tmp_path):
-    """kill PID (SIGTERM) of rank 1 only: both ranks finish the step, rank 0 saves the position,
-    torchrun --max-restarts restarts them (c10d rendezvous), and the run resumes mid-epoch."""
-    data = image_folder(str(tmp_path / "data"), n_per_class=4, size=32)    # 2 steps of 4 per epoch
-
-    def torchrun(out, *extra):
-        cmd = [*TORCHRUN, "--nproc_per_node=2", *extra, os.path.join(HERE, "intl.py"), "--data", data, *SMALL, "--small-images",
-               "--batch-size", "4", "--epochs", "2", "--output-dir", str(out)]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    p = torchrun(tmp_path / "straight")
-    straight = p.communicate(timeout=600)[0]
-    assert p.returncode == 0, straight[-3000:]
-    p = torchrun(tmp_path / "restarted", "--max-restarts", "1")        # --standalone: c10d on a free port
-    lines = []
-    for line in p.stdout:               # rank 0 has caught the signals once it prints this
-        lines.append(line)
-        if line.startswith("INTL:"):
-            os.kill(worker_pids(p.pid)[1], signal.SIGTERM)
-            break
-    out = "".join(lines) + p.communicate(timeout=600)[0]
-    assert p.returncode == 0, out[-3000:]
-    stop = re.search(r"stopped by a signal to another rank after step (\d+)", out)
-    assert stop and out.count("stopped by") == 1, out[-3000:]
-    assert f"at epoch 0, step {stop.group(1)}" in out                      # resumed mid-epoch
-    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
-    b = torch.load(tmp_path / "restarted" / "checkpoint.pth", weights_only=False)
-    assert a["step"] == b["step"] == 4
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
-def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
-    with pytest.raises(SystemExit) as e:
-        intl.autocast_dtype("fp16", torch.device("cpu"), str(tmp_path))
-    assert str(e.value.code).startswith("error: --amp fp16 on the CPU") and "\n" not in str(e.value.code)
-
-
-    assert "ep 1/1 step 2/2" in out and out.count("5-NN top-1 on 50 Fashion-MNIST test images") == 2
-
-
-# ----------------------------------------------------------------------------- Pillow's Gaussian blur
-def pillow_blur_passes(x, sigma):
-    """Pillow's GaussianBlur(sigma) on [C, H, W] 0-255 integers, computed as Pillow computes it:
-    3 box passes along W, then 3 along H, of an extended radius, 24-bit fixed-point weights,
-    edge pixels repeated, rounded to integers after each pass."""
-    s2 = np.float32(sigma) ** 2 / np.float32(3)                     # Pillow's float arithmetic
-    l = np.float32(math.floor((math.sqrt(12 * s2 + 1) - 1) / 2))
-    radius = l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
-    r, inner = int(radius), int(np.float32(2**24) / (np.float32(2) * radius + np.float32(1)))
-    weights = {k: inner if abs(k) <= r else (2**24 - (2 * r + 1) * inner) // 2
-               for k in range(-r - 1, r + 2)}
-    x = x.long()
-    for dim in [-1] * 3 + [-2] * 3:
-        i = torch.arange(x.shape[dim])
-        bulk = sum(w * x.index_select(dim, (i + k).clamp(0, len(i) - 1)) for k, w in weights.items())
-        x = (bulk + 2**23) // 2**24
-    return x
-
-
-def pillow_blur(img, sigma):
-    """img [3, H, W] uint8 through Pillow's own ImageFilter.GaussianBlur(sigma)."""
-    blurred = Image.fromarray(img.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(sigma))
-    return torch.from_numpy(np.array(blurred)).permute(2, 0, 1)
-
-
-def textures(n, h, w, cell, seed=0):
-    """uint8 images of random colours smoothly interpolated over cells of `cell` pixels."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, h // cell + 2, w // cell + 2, generator=g)
-    x = F.interpolate(x, scale_factor=cell, mode="bicubic")[..., :h, :w]
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-BLUR_SIGMAS = [0.1, 0.3, 0.5, 1.0, 1.5, 2.0]
-BLUR_IMAGES = {"photo-like 64x48": lambda: synthetic_images(6, 64, 48),
-               "photo-like 20x20": lambda: synthetic_images(6, 20, 20, seed=1),
-               "photo-like 5x3": lambda: synthetic_images(6, 5, 3, seed=2),
-               "texture 33x20": lambda: textures(6, 33, 20, 2),
-               "texture 40x56": lambda: textures(6, 40, 56, 5, seed=1)}
-
-
-def test_pil_path_blur_is_pillows_gaussian_blur():
-    img = Image.fromarray(synthetic_images(1, 90, 120)[0].permute(1, 2, 0).numpy())
-    for seed in range(6):
-        torch.manual_seed(seed)
-        ref = np.asarray(img.filter(ImageFilter.GaussianBlur(T.GaussianBlur.get_params(0.1, 2.0))))
-        after_ref = torch.rand(1)
-        torch.manual_seed(seed)
-        ours = np.asarray(intl.gaussian_blur(img))
-        assert torch.equal(torch.rand(1), after_ref)                   # the same draws
-        assert np.array_equal(ours, ref), seed
-
-
-@pytest.mark.parametrize("name", BLUR_IMAGES)
-def test_pillow_blur_is_six_box_passes_rounded_to_uint8(name):
-    """pillow_blur_passes: Pillow's blur to the bit, for every sigma and size."""
-    for img, s in zip(BLUR_IMAGES[name](), BLUR_SIGMAS):
-        assert torch.equal(pillow_blur_passes(img, s), pillow_blur(img, s).long()), s
-
-
-@pytest.mark.parametrize("name", BLUR_IMAGES)
-def test_gpu_aug_blur_is_pillows_to_the_bit(name):
-    """gpu_aug's blur equals Pillow's GaussianBlur on uint8 images, for sigmas every 0.05 from
-    0.1 to 2 and 40 drawn as sample_params draws them (float32), on every size of image."""
-    img = BLUR_IMAGES[name]()
-    drawn = gpu_aug.uniform(40, 0.1, 2.0, torch.Generator().manual_seed(0), "cpu")
-    sigmas = torch.cat([torch.linspace(0.1, 2.0, 39), drawn])
-    img = img[torch.arange(len(sigmas)) % len(img)]
-    ours = gpu_aug.gaussian_blur(img.float() / 255, sigmas)
-    assert ours.dtype == torch.float32
-    for o, im, s in zip(ours, img, sigmas.tolist()):
-        assert torch.equal(o, pillow_blur(im, s).float() / 255), s
 
 
 # ----------------------------------------------------------------------------- structure
