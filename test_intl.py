@@ -1086,7 +1086,6 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
     assert str(e.value.code).startswith("error: --amp fp16 on the CPU") and "\n" not in str(e.value.code)
 
 
-
 # ----------------------------------------------------------------------------- figures
 def test_figures_from_a_real_fashion_mnist_run(tmp_path):
     pytest.importorskip("matplotlib")
