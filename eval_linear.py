@@ -24,7 +24,7 @@ from torchvision import transforms as T
 
 import faults
 from faults import save_atomic
-from intl import (CIFAR_NORM, MEAN, SMALL_DATA, STD, channels_last, check_ranges, eval_transform, fail,
+from intl import (CIFAR_NORM, CPU_CORES, MEAN, SMALL_DATA, STD, channels_last, check_ranges, eval_transform, fail,
                   features, file_kind, gather, knn_predict, labelled_images, load_checkpoint, make_output_dir,
                   on_rank0, random_subset, resnet_backbone, setup_distributed, write_log)
 
@@ -358,7 +358,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-classifier", type=float, default=0.2, help="classifier base lr (finetune)")
     p.add_argument("--lr-backbone", type=float, default=0.004,
                    help="backbone base lr (finetune): 0.004 for INTL-M, 0.006 for INTL checkpoints")
-    p.add_argument("--workers", type=int, default=8, help="data workers per process")
+    p.add_argument("--workers", type=int, default=min(8, CPU_CORES), help="data workers per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--print-freq", type=int, default=50,
                    help="steps (features: epochs) between progress lines")
