@@ -4,8 +4,10 @@
     python intl.py                                    # quick start: Fashion-MNIST on this machine
     torchrun --nproc_per_node=8 intl.py --data /imagenet --method intl-m --multi-crop
 
-Read top to bottom beside the paper: IterNorm -> trace loss -> INTL objective (and INTL-M)
--> networks -> augmentation -> data -> training loop -> main.
+Read top to bottom beside the paper: IterNorm (and the Spectral Transformation it instantiates)
+-> trace loss -> INTL objective (and INTL-M) -> networks -> augmentation -> data -> training
+loop -> the k-NN monitor -> main. What a long run survives (unreadable files, preemption, a
+non-finite loss, a full disk) is kept apart, in faults.py.
 
 Where the paper leaves a detail open, the code does what the authors' implementation does, so
 that losses and checkpoints compare with theirs: IterNorm centres each whitened variable over its
