@@ -30,6 +30,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import gpu_aug
 import intl
+import utils
 
 REPEATS = 5
 
@@ -80,7 +81,7 @@ def head_ms(args, per_rank, n_views, beta, amp, device, runs=10):
 
 
 def bench_step(args):
-    rank, world, device = intl.setup_distributed(args.batch_size)
+    rank, world, device = utils.setup_distributed(args.batch_size)
     recipe, amp = intl.crop_recipe(args), intl.autocast_dtype(args.amp, device, args.data)
     beta = intl.trace_loss_weight(intl.whitened_count(args))
     online, model, target = intl.build_model(args, device, world)
@@ -176,14 +177,14 @@ def scene(seed, size=(500, 375)):
 def image_files(args, n, tmp):
     """n image files: spread over --data DIR/train, else stand-in JPEGs written to tmp."""
     if args.data and args.data != "fashion-mnist":
-        samples = intl.image_folder(os.path.join(args.data, "train"), None).samples
+        samples = utils.image_folder(os.path.join(args.data, "train"), None).samples
         return [samples[i][0] for i in np.linspace(0, len(samples) - 1, n).astype(int)]
     for i in range(n):
         scene(i).save(os.path.join(tmp, f"{i}.jpg"), quality=90)
     return [os.path.join(tmp, f"{i}.jpg") for i in range(n)]
 
 
-def aug_grid(path, recipe, out, n=4, cell=112):
+def aug_grid(path, recipe, out, n=4, cell=72):
     """One row per crop of the recipe: n PIL-path views | n gpu_aug views, denormalised."""
     img = default_loader(path)
     torch.manual_seed(0)             # the PIL path draws from torch's global generator
@@ -203,7 +204,7 @@ def aug_grid(path, recipe, out, n=4, cell=112):
 
 def bench_aug(args):
     torch.set_num_threads(1)         # images per second per CPU core
-    rank, world, device = intl.setup_distributed(args.batch_size)
+    rank, world, device = utils.setup_distributed(args.batch_size)
     recipe = intl.crop_recipe(args)
     pil_views = intl.views_transform(recipe)
     with tempfile.TemporaryDirectory() as tmp:
@@ -305,10 +306,10 @@ def main(argv=None):
     p.add_argument("mode", choices=["step", "aug", "check"])
     p.add_argument("--bench-steps", type=int, default=20, help="timed steps (aug: images) per repeat")
     p.add_argument("--seconds", type=float, default=330.0, help="check: the time budget")
-    p.error = lambda msg: intl.fail(f"{msg} (usage: python benchmark.py step|aug|check [intl.py flags])")
+    p.error = lambda msg: utils.fail(f"{msg} (usage: python benchmark.py step|aug|check [intl.py flags])")
     own, rest = p.parse_known_args(argv)
     if own.bench_steps < 1:
-        intl.fail("--bench-steps must be positive")
+        utils.fail("--bench-steps must be positive")
     if own.mode == "check":
         return check(own.seconds, rest)
     args = intl.parse_args(rest, need_data=False)

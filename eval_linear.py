@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-import faults
-from faults import save_atomic
-from intl import (CIFAR_NORM, CPU_CORES, MEAN, SMALL_DATA, STD, channels_last, check_ranges, eval_transform, fail,
-                  features, file_kind, gather, knn_predict, labelled_images, load_checkpoint, make_output_dir,
-                  on_rank0, random_subset, resnet_backbone, setup_distributed, write_log)
+import utils
+from intl import CIFAR_NORM, MEAN, STD, channels_last, eval_transform, gather, resnet_backbone
+from utils import (CPU_CORES, SMALL_DATA, check_ranges, fail, features, file_kind, knn_predict, labelled_images,
+                   load_checkpoint, make_output_dir, on_rank0, random_subset, save_atomic, setup_distributed,
+                   train_probe, write_log)
 
 CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))   # the authors' test-time
 #                                                    normalisation, for CIFAR-10 and CIFAR-100 alike
@@ -35,7 +35,7 @@ KNN = [("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw f
         "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]
 
 # unreadable images: replaced in their batches, reported once, counted per epoch (--max-bad-files)
-UNREADABLE = faults.Unreadable(max_fraction=0.01)
+UNREADABLE = utils.Unreadable(max_fraction=0.01)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -244,7 +244,7 @@ def evaluate(backbone, head, val, rank, world, device, args):
     mem = channels_last(device)
     loader = torch.utils.data.DataLoader(shard(val, rank, world), batch_size=args.batch_size // world,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         collate_fn=faults.collate)
+                                         collate_fn=utils.collate)
     hits = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in UNREADABLE.batches(loader):
         x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
@@ -262,43 +262,6 @@ def full_state(backbone, head):
 
 
 # ----------------------------------------------------------------------------- linear probe on features
-def exp_lr(epoch, epochs, lr, lr_end=1e-6):
-    """lr (lr_end/lr)^(epoch/epochs): lr at epoch 0, ×(lr_end/lr)^(1/epochs) each epoch, lr_end
-    after the last one (the authors' ExponentialLR, stepped once per epoch)."""
-    return lr * (lr_end / lr) ** (epoch / epochs)
-
-
-@torch.no_grad()
-def top1_top5(head, x, y):
-    """Top-1 and top-5 (%) of a classifier on fixed features."""
-    top = head(x).topk(min(5, head.out_features), dim=1).indices == y[:, None]
-    return 100 * top[:, 0].double().mean().item(), 100 * top.any(dim=1).double().mean().item()
-
-
-def train_probe(x, y, xv, yv, classes, epochs, lr=1e-2, batch_size=1000, every=50, report=print):
-    """nn.Linear on fixed features: Adam (weight decay 5e-6), exp_lr decay to 1e-6, mini-batches
-    from a fresh permutation each epoch. Every `every` epochs and after the last, report() gets
-    the epoch's loss, lr and val top-1 / top-5 (%); returns the last top-1 and top-5."""
-    head = nn.Linear(x.shape[1], classes).to(x.device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=5e-6)
-    for epoch in range(epochs):
-        for g in optimizer.param_groups:
-            g["lr"] = exp_lr(epoch, epochs, lr)
-        batches = torch.randperm(len(x), device=x.device).split(batch_size)
-        total = torch.zeros((), device=x.device)
-        for idx in batches:
-            loss = F.cross_entropy(head(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        if (epoch + 1) % every == 0 or epoch + 1 == epochs:
-            acc1, acc5 = top1_top5(head, xv, yv)
-            report({"epoch": epoch + 1, "loss": total.item() / len(batches),
-                    "lr": optimizer.param_groups[0]["lr"], "acc1": acc1, "acc5": acc5})
-    return acc1, acc5
-
-
 def features_protocol(backbone, train, val, classes, rank, world, device, args, log):
     """The small-data linear protocol: features of the frozen backbone (eval mode, test-time
     transform) computed once, in batches of --batch-size, then train_probe on them."""
@@ -465,11 +428,11 @@ def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
         start_epoch, best = resume_from(resume, backbone, head, optimizer, args)
         log(f"resumed from {resume} at epoch {start_epoch}")
         if rank == 0:     # a run killed after its log line but before its save
-            faults.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "epoch", start_epoch)
+            utils.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "epoch", start_epoch)
     sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         collate_fn=faults.collate)
+                                         collate_fn=utils.collate)
     log(f"{'fine-tuning' if finetune else 'linear protocol'}: {len(train)} train / {len(val)} val "
         f"images, {classes} classes, {world} process(es) on {device.type}, batch {args.batch_size}, "
         f"{args.epochs} epochs ({args.schedule})", flush=True)
@@ -522,7 +485,7 @@ def main(argv=None):
     backbone.requires_grad_(args.weights == "finetune" and not args.knn)
     train, val, classes = datasets(args, small_images=args.small_images or args.data in SMALL_DATA)
     if rank == 0:
-        faults.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
+        utils.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
     UNREADABLE.max_fraction, UNREADABLE.count = args.max_bad_files, 0
     if args.knn:
         result = knn_eval(backbone, train, val, rank, world, device, args, log)

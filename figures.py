@@ -3,24 +3,30 @@
   python figures.py maths --out docs/spectral_maps.png
   python figures.py spectrum RUN_DIR --out docs/spectrum.png
   python figures.py ablation RUN_DIR... --out docs/ablation.png
+  python figures.py monitor RUN_DIR --out docs/monitor.png
+  python figures.py robustness runs/robust/b*-d*-t* --out docs/robustness.png
 """
 import argparse
 import json
+import math
 import os
+import re
 
 import matplotlib
 matplotlib.use("Agg")            # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 import intl
+import utils
 
 
 def read_jsonl(run, name):
     """The records of RUN/NAME, one JSON object a line; a clear error if the file is missing."""
     path = os.path.join(run, name)
     if not os.path.exists(path):
-        intl.fail(f"{path} not found: is {run} the --output-dir of an intl.py run?")
+        utils.fail(f"{path} not found: is {run} the --output-dir of an intl.py run?")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -69,32 +75,103 @@ def ablation(args):
     runs = {os.path.basename(os.path.normpath(r)): [x for x in read_jsonl(r, "log.jsonl") if "projector" in x]
             for r in args.runs}
     panels = [("projector", "effective rank, projector output"), ("iternorm", "effective rank, after the transform")]
-    if any("knn5_top1" in x for recs in runs.values() for x in recs):
-        panels.append(("knn5_top1", "5-NN top-1 (%)"))
+    panels += [(key, title) for key, title in [("knn5_top1", "5-NN top-1 (%)"), ("linear_top1", "linear probe top-1 (%)")]
+               if any(key in x for recs in runs.values() for x in recs)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         for name, recs in runs.items():
-            pts = [(x["epoch"], x[key] if key == "knn5_top1" else x[key]["erank"]) for x in recs if key in x]
+            pts = [(x["epoch"], x[key]["erank"] if isinstance(x[key], dict) else x[key]) for x in recs if key in x]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
+    return fig
+
+
+def monitor(args):
+    """One run's online monitor per epoch (5-NN and linear probe), beside the same two probes on
+    the same labelled images for the raw pixels and for the network at random init."""
+    run, cpu = args.runs[0], torch.device("cpu")
+    recs = [r for r in read_jsonl(run, "log.jsonl") if "linear_top1" in r]
+    if not recs:
+        utils.fail(f"{run}/log.jsonl has no monitor records: train with --monitor-every 1")
+    a = argparse.Namespace(**utils.load_checkpoint(os.path.join(run, "checkpoint.pth"))["args"])
+    labelled = intl.monitor_data(a)
+    torch.manual_seed(a.seed)      # the weights the run started from
+    baselines = {"random init": utils.monitor(intl.resnet_backbone(a.arch, a.small_images)[0], labelled, cpu),
+                 "raw pixels": utils.monitor(torch.nn.Flatten(), labelled, cpu)}
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in zip(axes, ["knn5_top1", "linear_top1"], ["5-NN top-1 (%)", "linear probe top-1 (%)"]):
+        ax.plot([r["epoch"] for r in recs], [r[key] for r in recs], marker="o", label="INTL, per epoch")
+        for (name, b), style in zip(baselines.items(), ["--", ":"]):
+            ax.axhline(b[key], ls=style, color="grey", label=f"{name}: {b[key]:.1f}")
+            print(f"{name}: {title} {b[key]:.2f}")
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def robustness(args):
+    """Runs named b<batch>-d<embedding dim>-t<T>: the final linear-probe top-1 and effective rank
+    over batch × embedding dim (T = 4), and over T; a run with a non-finite loss, or that stopped
+    before its epoch ended, counts as diverged."""
+    cells = {}
+    for run in args.runs:
+        m = re.fullmatch(r"b(\d+)-d(\d+)-t(\d+)", os.path.basename(os.path.normpath(run)))
+        if not m:
+            utils.fail(f"{run}: robustness runs are named b<batch>-d<embedding dim>-t<T>, e.g. b256-d1024-t4")
+        recs = read_jsonl(run, "log.jsonl")
+        ends = [r for r in recs if "linear_top1" in r]
+        ok = ends and all(math.isfinite(r.get("loss", 0)) for r in recs) and not ends[-1]["nonfinite"]
+        cells[tuple(map(int, m.groups()))] = ends[-1] if ok else None
+    grid = sorted({(b, d) for b, d, t in cells if t == 4})
+    batches, dims = sorted({b for b, _ in grid}), sorted({d for _, d in grid})
+    iters = sorted((t, r) for (b, d, t), r in cells.items() if (b, d) == (256, 1024))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    acc = np.full((len(batches), len(dims)), np.nan)
+    for (i, bs), (j, d) in ((x, y) for x in enumerate(batches) for y in enumerate(dims)):
+        r = cells.get((bs, d, 4))
+        acc[i, j] = r["linear_top1"] if r else np.nan
+    im = a.imshow(acc, cmap="viridis", aspect="auto")
+    for (i, bs), (j, d) in ((x, y) for x in enumerate(batches) for y in enumerate(dims)):
+        r = cells.get((bs, d, 4), "missing")
+        if r != "missing":      # light text on the dark half of the colour map
+            dark = r and im.norm(r["linear_top1"]) < 0.5
+            a.text(j, i, f"{r['linear_top1']:.1f}\nrank {r['projector']['erank']:.0f}" if r else "diverged",
+                   ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    fig.colorbar(im, ax=a, label="linear probe top-1 (%)")
+    a.set(xticks=range(len(dims)), xticklabels=dims, yticks=range(len(batches)), yticklabels=batches,
+          xlabel="embedding dimension", ylabel="batch size",
+          title="T = 4: linear probe top-1 (%), effective rank (of batch)")
+    t_ok = [(t, r) for t, r in iters if r]
+    b.plot([t for t, _ in t_ok], [r["linear_top1"] for _, r in t_ok], marker="o", label="linear probe top-1 (%)")
+    b.plot([t for t, _ in t_ok], [r["projector"]["erank"] for _, r in t_ok], marker="s",
+           label="effective rank, projector output (of 256)")
+    for t, r in iters:
+        if r is None:
+            b.axvline(t, color="red", ls=":", label=f"T = {t} diverged")
+    b.set(xlabel="Newton iterations T", title="batch 256, embedding 1024", xticks=[t for t, _ in iters])
+    b.legend(fontsize=7)
     return fig
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("figure", choices=["maths", "spectrum", "ablation"])
-    p.add_argument("runs", nargs="*", help="--output-dir of intl.py runs (spectrum: one; ablation: several)")
+    p.add_argument("figure", choices=["maths", "spectrum", "ablation", "monitor", "robustness"])
+    p.add_argument("runs", nargs="*", help="--output-dir of intl.py runs (spectrum, monitor: one; others: several)")
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.error = lambda msg: intl.fail(f"{msg} (see --help)")
+    p.error = lambda msg: utils.fail(f"{msg} (see --help)")
     args = p.parse_args(argv)
     if args.figure != "maths" and not args.runs:
-        intl.fail(f"{args.figure} needs at least one run folder")
-    fig = {"maths": maths, "spectrum": spectrum, "ablation": ablation}[args.figure](args)
+        utils.fail(f"{args.figure} needs at least one run folder")
+    fig = {"maths": maths, "spectrum": spectrum, "ablation": ablation, "monitor": monitor,
+           "robustness": robustness}[args.figure](args)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=90)
+    plt.close(fig)
     print(f"wrote {args.out} ({os.path.getsize(args.out) // 1024} KB)")
 
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-import faults
+import utils
 
 GRAY = (0.2989, 0.587, 0.114)                               # torchvision's rgb_to_grayscale
 
@@ -263,10 +263,10 @@ MAX_SIDE = 512   # as FFCV's ImageNet files: bounds the padded batch and the res
 
 
 def load_capped(path, max_side=MAX_SIDE):
-    """Decode only, to at most max_side px a side (JPEGs reduced while decoding: faults.load_rgb).
+    """Decode only, to at most max_side px a side (JPEGs reduced while decoding: utils.load_rgb).
     Crop boxes are relative, so their distribution is unchanged; only crops of larger
     images come from fewer pixels than the PIL path sees."""
-    return faults.load_rgb(path, max_side)
+    return utils.load_rgb(path, max_side)
 
 
 def pad_batch(images):

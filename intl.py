@@ -6,8 +6,9 @@
 
 Read top to bottom beside the paper: IterNorm (and the Spectral Transformation it instantiates)
 -> trace loss -> INTL objective (and INTL-M) -> networks -> augmentation -> data -> training
-loop -> the k-NN monitor -> main. What a long run survives (unreadable files, preemption, a
-non-finite loss, a full disk) is kept apart, in faults.py.
+loop -> main. The plumbing apart from the method is in utils.py: the data files, checkpoints and
+their resume, what a long run survives (unreadable files, preemption, a non-finite loss, a full
+disk) and the online monitor's k-NN and linear probe.
 
 Where the paper leaves a detail open, the code does what the authors' implementation does, so
 that losses and checkpoints compare with theirs: IterNorm centres each whitened variable over its
@@ -19,14 +20,11 @@ draws the crops on the GPU (gpu_aug.py); benchmark.py times it.
 """
 import argparse
 import copy
-import gzip
 import json
 import math
 import os
-import pickle
 import random
 import sys
-import tempfile
 import time
 from functools import partial
 from typing import NamedTuple
@@ -37,15 +35,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 from torchvision import transforms as T
 
-import faults
-
-
-def fail(msg):
-    """Bad input: one line on stderr and a non-zero exit, never a traceback."""
-    sys.exit(f"error: {msg}")
+import utils
+from utils import fail
 
 
 # ----------------------------------------------------------------------------- IterNorm
@@ -296,125 +290,37 @@ def eval_transform(small_images, mean=MEAN, std=STD):
 
 
 # ----------------------------------------------------------------------------- data
-FMNIST_DIRS = ["/usr/share/datasets/fashion-mnist", "./data", "./data/FashionMNIST/raw"]
-
-
-def read_idx(path):
-    """An IDX file (the MNIST format), gzipped: big-endian dims, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
-
-
-def load_fashion_mnist(train=True):
-    """uint8 images (N, 28, 28) and labels from the Debian package dataset-fashion-mnist,
-    else ./data, else a torchvision download into ./data."""
-    split = "train" if train else "t10k"
-    for d in FMNIST_DIRS:
-        images = os.path.join(d, f"{split}-images-idx3-ubyte.gz")
-        if os.path.exists(images):
-            return read_idx(images), read_idx(os.path.join(d, f"{split}-labels-idx1-ubyte.gz"))
-    try:
-        ds = torchvision.datasets.FashionMNIST("./data", train=train, download=True)
-    except Exception as e:
-        fail(f"Fashion-MNIST not in {', '.join(FMNIST_DIRS)} and the download failed "
-             f"({type(e).__name__}); install the Debian package dataset-fashion-mnist")
-    return ds.data.numpy(), ds.targets.numpy()
-
-
-def load_cifar(name, train=True, root="./data"):
-    """uint8 images (N, 32, 32, 3) and labels from torchvision's CIFAR-10/100 folder in
-    ./data (pickled batches), downloaded there first if absent."""
-    folder, files, key = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)]
-                                      if train else ["test_batch"], b"labels"),
-                          "cifar100": ("cifar-100-python", ["train" if train else "test"],
-                                       b"fine_labels")}[name]
-    if not os.path.isdir(os.path.join(root, folder)):
-        try:
-            getattr(torchvision.datasets, name.upper())(root, download=True)
-        except Exception as e:
-            fail(f"{name} is not in {root}/{folder} and the download failed ({type(e).__name__})")
-    images, labels = [], []
-    for f in files:
-        try:
-            with open(os.path.join(root, folder, f), "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-        except (OSError, pickle.UnpicklingError, EOFError) as e:
-            fail(f"cannot read {name} batch {root}/{folder}/{f}: {e}")
-        images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels += batch[key]
-    return np.concatenate(images), np.array(labels)
-
-
-class ArrayImages(torch.utils.data.Dataset):
-    """uint8 images in an array -> RGB PIL images (28-px grey ones padded to 32), then `transform`."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = self.images[i]
-        img = Image.fromarray(np.pad(img, 2) if img.ndim == 2 else img).convert("RGB")
-        return self.transform(img), int(self.labels[i])
-
-
-def image_folder(root, transform, loader=faults.load_rgb):
-    """torchvision ImageFolder with one-line errors for a missing or empty folder; an unreadable
-    file's slot goes to another image (items: image, label, problem; faults.SkipUnreadable)."""
-    if not os.path.isdir(root):
-        fail(f"{root} not found: --data DIR must hold DIR/train/<class>/<image> (ImageNet layout)")
-    try:
-        return faults.SkipUnreadable(root, transform, loader=loader)
-    except (FileNotFoundError, RuntimeError) as e:
-        fail(f"no images in {root}: {str(e).splitlines()[0]}")
-
-
-SMALL_DATA = ["fashion-mnist", "cifar10", "cifar100"]
-
-
-def labelled_images(data, train, transform, loader=faults.load_rgb):
-    """Fashion-MNIST, CIFAR-10/100 (train or test split), or DIR/train or DIR/val (ImageNet layout)."""
-    if data == "fashion-mnist":
-        return ArrayImages(*load_fashion_mnist(train), transform)
-    if data in CIFAR_NORM:
-        return ArrayImages(*load_cifar(data, train), transform)
-    return image_folder(os.path.join(data, "train" if train else "val"), transform, loader)
-
-
 def train_loader(args, recipe, rank, world, device):
     """Each rank reads its share of a global batch; the sampler reshuffles every epoch.
     With --gpu-aug the workers only decode (capped in size) and pad."""
     if args.gpu_aug:
         import gpu_aug
-        dataset = labelled_images(args.data, True, T.PILToTensor(), gpu_aug.load_capped)
+        dataset = utils.labelled_images(args.data, True, T.PILToTensor(), gpu_aug.load_capped)
     else:
-        dataset = labelled_images(args.data, True, views_transform(recipe))
-    dataset = random_subset(dataset, args.subset)
+        dataset = utils.labelled_images(args.data, True, views_transform(recipe))
+    dataset = utils.random_subset(dataset, args.subset)
     # drop_last: N // batch steps per epoch on any number of processes (no padding repeats); an
     # epoch can start part-way (a mid-epoch checkpoint); batches end with their unreadable files
-    sampler = faults.ResumableSampler(dataset, world, rank, seed=args.seed, drop_last=True)
+    sampler = utils.ResumableSampler(dataset, world, rank, seed=args.seed, drop_last=True)
     per_rank = args.batch_size // world
     if len(sampler) < per_rank:
         fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
     return torch.utils.data.DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-        collate_fn=partial(faults.collate, inner=gpu_aug.pad_collate) if args.gpu_aug else faults.collate,
+        collate_fn=partial(utils.collate, inner=gpu_aug.pad_collate) if args.gpu_aug else utils.collate,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0,
-        worker_init_fn=faults.ignore_stop_signals,   # workers' seeds: drawn from the rank's stream
+        worker_init_fn=utils.ignore_stop_signals,   # workers' seeds: drawn from the rank's stream
         generator=torch.Generator().manual_seed(int(torch.randint(2**62, ()))))
 
 
-def random_subset(ds, n):
-    """A fixed random subset of n images (all when n is 0), the same on every rank."""
-    if not n or n >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
-    return torch.utils.data.Subset(ds, idx.tolist())
+def monitor_data(args, n_bank=10000, n_queries=2000):
+    """The online monitor's labelled data, centre views: a fixed random n_bank training images
+    as the bank, n_queries test (val) images as queries; None for a folder without val/."""
+    if args.data not in utils.SMALL_DATA and not os.path.isdir(os.path.join(args.data, "val")):
+        return None
+    tf = eval_transform(args.small_images or args.data in utils.SMALL_DATA, *CIFAR_NORM.get(args.data, (MEAN, STD)))
+    return (utils.random_subset(utils.labelled_images(args.data, True, tf), n_bank),
+            utils.random_subset(utils.labelled_images(args.data, False, tf), n_queries))
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -433,91 +339,6 @@ def param_groups(model, wd, decay_all=False):
     decay = [p for p in model.parameters() if p.ndim > 1 or decay_all]
     no_decay = [p for p in model.parameters() if p.ndim <= 1 and not decay_all]
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def setup_distributed(batch_size):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); plain python runs one process.
-    The global batch must split evenly: checked before any process group is joined."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
-    if batch_size % world:
-        fail(f"--batch-size {batch_size} is not divisible by the world size {world}")
-    if world == 1:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    store, rank, world = next(dist.rendezvous("env://"))
-    # torchrun --max-restarts keeps its store: each attempt's keys apart, or the restarted
-    # ranks read the addresses of the dead ones and cannot connect
-    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
-    return rank, world, device
-
-
-def rng_state(aug=None):
-    """Every random stream a rank draws from, the --gpu-aug generator included."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate(), "aug": aug.get_state() if aug is not None else None,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s, aug=None):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    if aug is not None and s.get("aug") is not None and len(s["aug"]) == len(aug.get_state()):
-        aug.set_state(s["aug"])     # (moved between CPU and GPU: the new device's own stream)
-
-
-def resume_rng_state(states, rank, aug=None):
-    """This rank's stored streams; a rank the file has none for (more processes now) seeds its own."""
-    set_rng_state(states[rank % len(states)], aug)
-    if rank >= len(states):     # from a stored stream and the rank: never another rank's crops
-        seed = (int(torch.randint(2**31, ())) + rank) % 2**31
-        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
-        if aug is not None:
-            aug.manual_seed(int(torch.randint(2**62, ())))
-
-
-def make_output_dir(path):
-    """Create the output folder and check that it takes files, before the first step, not after it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        fail(f"--output-dir {path}: {'a file, not a folder' if os.path.isfile(path) else e.strerror or e}")
-
-
-def on_rank0(read):
-    """read() on rank 0, its result sent to every process: all act on rank 0's view of the files,
-    also where each node has an output folder of its own."""
-    box = [read() if not dist.is_initialized() or dist.get_rank() == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def file_kind(obj):
-    """What a loaded file holds, in words, for an error."""
-    kinds = {"step": "intl.py's checkpoint.pth", "best": "eval_linear.py's checkpoint.pth",
-             "state_dict": "the authors' checkpoint", "conv1.weight": "a bare backbone, like a backbone.pth"}
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}"
-    return next((v for k, v in kinds.items() if k in obj), f"a dict of {', '.join(sorted(map(str, obj))[:4]) or 'nothing'}")
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def build_model(args, device, world):
@@ -546,60 +367,9 @@ def build_optimizer(online, args, device):
     """SGD with momentum 0.9 (fused on GPUs) and the GradScaler that fp16 needs."""
     optimizer = torch.optim.SGD(param_groups(online, args.wd, decay_all=args.data in CIFAR_NORM),
                                 lr=0, momentum=0.9, fused=device.type == "cuda")
-    faults.zero_momentum(optimizer)     # buffers exist before a first step that may be skipped
+    utils.zero_momentum(optimizer)     # buffers exist before a first step that may be skipped
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     return optimizer, scaler
-
-
-def resume_from(path, online, target, optimizer, scaler, aug, args, rank, steps_per_epoch):
-    """Restore everything a checkpoint holds; returns (epoch, global step)."""
-    ckpt = on_rank0(lambda: load_checkpoint(path) if os.path.exists(path) else fail(f"--resume {path}: no such file"))
-    step = check_resumable(ckpt, args, path, rank, steps_per_epoch)
-    try:
-        online.load_state_dict(ckpt["model"])
-        if target is not None:
-            target.load_state_dict(ckpt["target"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for g in optimizer.param_groups:   # fused on GPUs: this run's choice, not the file's
-            g["fused"] = optimizer.defaults["fused"]
-        if ckpt["scaler"]:       # none without fp16: a fresh one (--amp may change on resume)
-            scaler.load_state_dict(ckpt["scaler"])
-        resume_rng_state(ckpt["rng"], rank, aug)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        fail(f"checkpoint {path} does not match this run ({args.arch}, {args.method}, "
-             f"--projector {args.projector}): {str(e).splitlines()[0]}")
-    return ckpt["epoch"], step
-
-
-# What a resumed run may change: it does not change what is computed.
-FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "stop_epoch", "amp", "compile", "gpu_aug",
-                  "seed", "knn_every", "allow_changed_args", "save_every_minutes", "max_bad_files", "max_nonfinite"}
-
-
-def check_resumable(ckpt, args, path, rank, steps_per_epoch):
-    """The step to continue from if `ckpt` is intl.py's checkpoint of this network and settings, else one
-    line on what differs. --allow-changed-args: after the file's epoch, in this run's steps and settings."""
-    if not isinstance(ckpt, dict) or "step" not in ckpt:
-        fail(f"--resume {path} holds {file_kind(ckpt)}, not intl.py's checkpoint.pth")
-    now = {**vars(args), "steps_per_epoch": steps_per_epoch}   # the data must give as many steps
-    made = {**now, **(ckpt.get("args") or {})}     # what the file does not record counts as this run's
-    net = lambda a: (f"{a['method'].upper()} {a['arch']}{' (small images)' if a.get('small_images') else ''} "
-                     f"--projector {a['projector']}")
-    if net(made) != net(now):
-        fail(f"checkpoint {path} does not match this run: it holds {net(made)}, this run builds {net(now)}")
-    diffs = [f"{k.replace('_', '-')} {made[k]} -> {v}" for k, v in now.items()
-             if k not in FREE_ON_RESUME and made[k] != v]
-    if not diffs:
-        return ckpt["step"]
-    if not args.allow_changed_args:
-        fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): run with those, "
-             f"use another --output-dir, or add --allow-changed-args to continue with these")
-    # the same point of the same epoch, in this run's steps per epoch (the schedules follow step / all steps)
-    step = round(ckpt["step"] * steps_per_epoch / made["steps_per_epoch"])
-    if rank == 0:
-        print(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt['epoch']} at step "
-              f"{step} of {args.epochs * steps_per_epoch} (step {ckpt['step']} in the file)")
-    return step
 
 
 def autocast_dtype(amp, device, data):
@@ -633,7 +403,7 @@ def train_step(forward, online, target, optimizer, scaler, views, m, beta, amp, 
         scaler.step(optimizer)
         scaler.update()
     else:                       # a non-finite loss skips the update, decided on the device
-        faults.step_if_finite(optimizer, loss)
+        utils.step_if_finite(optimizer, loss)
     return loss, distance, tl, zs[-1].detach()
 
 
@@ -675,10 +445,10 @@ def to_views(batch, recipe, aug, device):
 
 
 def train(args):
-    rank, world, device = setup_distributed(args.batch_size)
+    rank, world, device = utils.setup_distributed(args.batch_size)
     log = print if rank == 0 else (lambda *a, **kw: None)
     if rank == 0:
-        make_output_dir(args.output_dir)
+        utils.make_output_dir(args.output_dir)
     recipe, amp, k = crop_recipe(args), autocast_dtype(args.amp, device, args.data), whitened_count(args)
     beta = (trace_loss_weight(k) if args.transform != "none" else 0.0) if args.beta is None else args.beta
     seed = args.seed + rank      # augmentation differs across ranks; the weights do not (build_model)
@@ -688,25 +458,17 @@ def train(args):
     optimizer, scaler = build_optimizer(online, args, device)
     # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
     aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
-    monitor = knn_pair(args) if args.knn_every and rank == 0 else None
+    labelled = monitor_data(args) if args.monitor_every and rank == 0 else None
     steps = len(loader)          # per epoch
     lr = args.lr * args.batch_size / 256
     total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
 
-    start_epoch, step = 0, 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = on_rank0(lambda: args.resume or (ckpt_path if os.path.exists(ckpt_path) else None))
-    if resume:
-        start_epoch, step = resume_from(resume, online, target, optimizer, scaler, aug, args, rank, len(loader))
-        log(f"resumed from {resume} at epoch {start_epoch}, step {step}")
-    if rank == 0:
-        faults.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
-        faults.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "step", step)
-        faults.drop_log_records_after(os.path.join(args.output_dir, "spectrum.jsonl"), "epoch", start_epoch)
-    # faults.py: stop signals, unreadable files, non-finite losses; the ranks agree on a CPU group
-    stop, unreadable, group = faults.StopSignals(), faults.Unreadable(args.max_bad_files), faults.host_group()
+    start_epoch, step = utils.resume_if_any(ckpt_path, online, target, optimizer, scaler, aug, args, rank, steps)
+    # utils.py: stop signals, unreadable files, non-finite losses; the ranks agree on a CPU group
+    stop, unreadable, group = utils.StopSignals(), utils.Unreadable(args.max_bad_files), utils.host_group()
     nonfinite = torch.zeros(3, device=device)   # skipped steps, current and longest run
-    save = partial(save_checkpoint, ckpt_path, online, target, optimizer, scaler, aug, nonfinite,
+    save = partial(utils.save_checkpoint, ckpt_path, online, target, optimizer, scaler, aug, nonfinite,
                    args, rank, world, group, steps)
     done, last_save = step - start_epoch * steps, time.time()   # done > 0: resumed mid-epoch
 
@@ -714,8 +476,9 @@ def train(args):
         f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
         f"{len(loader.dataset)} images, {steps} steps/epoch, autocast {amp or 'off'}", flush=True)
     if start_epoch >= min(args.epochs, args.stop_epoch or args.epochs):
-        log(f"nothing to train: {resume} is at epoch {start_epoch}" + (f", --stop-epoch is {args.stop_epoch}"
-            if args.stop_epoch and args.stop_epoch < args.epochs else f" of {args.epochs}: the run is finished"))
+        log(f"nothing to train: {args.resume or ckpt_path} is at epoch {start_epoch}"
+            + (f", --stop-epoch is {args.stop_epoch}" if args.stop_epoch and args.stop_epoch < args.epochs
+               else f" of {args.epochs}: the run is finished"))
     for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip, bad_files = done * loader.batch_size, 0   # seen before the checkpoint
@@ -732,11 +495,11 @@ def train(args):
             loss, distance, tl, embedding = train_step(
                 forward, online, target, optimizer, scaler, views,
                 momentum_at(step, total_steps, args.momentum), beta, amp, args)
-            faults.count_nonfinite(nonfinite, loss)
+            utils.count_nonfinite(nonfinite, loss)
             step += 1
             seen += args.batch_size
             due = args.save_every_minutes and time.time() - last_save > 60 * args.save_every_minutes
-            stopping, due, bad = faults.agree([stop.signum, due, unreadable.add(problems)], group)
+            stopping, due, bad = utils.agree([stop.signum, due, unreadable.add(problems)], group)
             bad_files += bad
             unreadable.check(bad_files, len(loader.dataset), rank)
             if step % args.print_freq == 0 or i == steps - 1:   # .item() syncs: only here
@@ -747,8 +510,8 @@ def train(args):
                 log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {rec['loss']:.4f} "
                     f"(nmse {rec['nmse']:.4f} tl {rec['trace_loss']:.3f}) lr {rec['lr']:.4g} "
                     f"{rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%", flush=True)
-                write_log(args, rank, rec)
-                faults.check_nonfinite(nonfinite, args.max_nonfinite, step, rec["lr"], rank)
+                utils.write_log(args, rank, rec)
+                utils.check_nonfinite(nonfinite, args.max_nonfinite, step, rec["lr"], rank)
                 t_last, wait, seen = time.time(), 0.0, 0
             if (stopping or due) and i < steps - 1:     # mid-epoch (an epoch's end saves anyway)
                 save(epoch, step)
@@ -764,21 +527,21 @@ def train(args):
         rec = {"epoch": epoch + 1, "step": step, "projector": spectrum(embedding, args.whiten, True),
                "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten, True),
                "unreadable": bad_files, "nonfinite": skipped}
-        write_log(args, rank, {"epoch": epoch + 1, "before": rec["projector"].pop("eigenvalues"),
+        utils.write_log(args, rank, {"epoch": epoch + 1, "before": rec["projector"].pop("eigenvalues"),
                                "after": rec["iternorm"].pop("eigenvalues")}, "spectrum.jsonl")
-        if monitor and (epoch + 1) % args.knn_every == 0:
-            rec["knn5_top1"] = knn_top1(online.backbone, monitor, device)
+        if labelled and (epoch + 1) % args.monitor_every == 0:
+            rec.update(utils.monitor(online.backbone, labelled, device))
         log(f"epoch {epoch + 1}: spectrum cond/erank projector {rec['projector']['cond']:.3g}/"
             f"{rec['projector']['erank']:.1f}, {args.transform} output {rec['iternorm']['cond']:.3g}/"
             f"{rec['iternorm']['erank']:.1f} of {k}"
-            + (f"; 5-NN top-1 {rec['knn5_top1']:.1f}%" if "knn5_top1" in rec else "")
+            + (f"; top-1 5-NN {rec['knn5_top1']:.1f}%, linear {rec['linear_top1']:.1f}%" if "knn5_top1" in rec else "")
             + (f", {bad_files} unreadable images replaced" if bad_files else "")
             + (f", {skipped} steps skipped (loss not finite)" if skipped else ""), flush=True)
-        write_log(args, rank, rec)
+        utils.write_log(args, rank, rec)
         save(epoch + 1, step)
         last_save = time.time()
         if rank == 0:
-            faults.save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+            utils.save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
         if stopping:
             stop.exit(rank, step, ckpt_path, group)
     stop.restore()
@@ -788,105 +551,10 @@ def train(args):
     return online.backbone, rank
 
 
-def save_checkpoint(path, online, target, optimizer, scaler, aug, nonfinite, args, rank, world, group,
-                    steps_per_epoch, epoch, step):
-    """Rank 0 writes what a run resumes from: `epoch` whole epochs and `step` steps done (more
-    than epoch × steps per epoch: a mid-epoch save). Never weights after a divergence."""
-    lr = optimizer.param_groups[0]["lr"]
-    faults.check_nonfinite(nonfinite, args.max_nonfinite, step, lr, rank)
-    if faults.agree([not faults.finite(online, target)], group)[0]:
-        faults.exit_all(rank, f"error: weights not finite at step {step} (lr {lr:.4g}): not saved, "
-                              f"{path} keeps the last finite ones")
-    rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
-    if world > 1:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state(aug))
-    if rank == 0:
-        faults.save_atomic({"model": online.state_dict(),
-                            "target": target.state_dict() if target is not None else None,
-                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                            "epoch": epoch, "step": step, "rng": rngs,
-                            "args": {**vars(args), "steps_per_epoch": steps_per_epoch}}, path)
-
-
-def write_log(args, rank, rec, name="log.jsonl"):
-    """One JSON object per line in OUTPUT_DIR/NAME, from rank 0."""
-    if rank == 0:
-        with open(os.path.join(args.output_dir, name), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
-# ----------------------------------------------------------------------------- k-NN on frozen features
-@torch.no_grad()
-def features(backbone, dataset, device, batch_size=1000, workers=0, unreadable=None):
-    """RAW (not normalised) features of the backbone in eval mode, and the labels; unreadable
-    files are replaced (and counted by `unreadable`, a faults.Unreadable, if given)."""
-    backbone.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=faults.collate)
-    batches = unreadable.batches(loader) if unreadable else ((x, y) for x, y, _ in loader)
-    out = [(backbone(x.to(device)).float(), y.to(device)) for x, y in batches]
-    return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
-
-
-@torch.no_grad()
-def knn_predict(bank, bank_labels, queries, k=5, temperature=None, chunk=1024):
-    """k-NN class of each query, `chunk` queries at a time; k is clamped to the bank size.
-    temperature None: majority of the k nearest by Euclidean distance on the raw features,
-    ties to the smallest label among the most frequent (the authors' small-data k-NN);
-    else DINO's vote weighted by exp(cos/T), cosine of the L2-normalised features."""
-    k, bank_labels, classes = min(k, len(bank)), bank_labels.long(), int(bank_labels.max()) + 1
-    if temperature is not None:
-        bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
-    preds = []
-    for q in queries.split(chunk):
-        if temperature is None:
-            idx = torch.cdist(q, bank).topk(k, dim=1, largest=False).indices
-            w = q.new_ones(idx.shape)
-        else:
-            sim, idx = (q @ bank.T).topk(k, dim=1)
-            w = (sim / temperature).exp()
-        votes = q.new_zeros(len(q), classes).scatter_add_(1, bank_labels[idx], w)
-        preds.append(votes.argmax(dim=1))   # the first of equal maxima: the smallest label
-    return torch.cat(preds)
-
-
-def knn_pair(args, n_bank=10000, n_queries=2000):
-    """The online monitor's labelled data, centre views: a fixed random n_bank training images
-    as the bank, n_queries test (val) images as queries; None for a folder without val/."""
-    if args.data not in SMALL_DATA and not os.path.isdir(os.path.join(args.data, "val")):
-        return None
-    tf = eval_transform(args.small_images or args.data in SMALL_DATA, *CIFAR_NORM.get(args.data, (MEAN, STD)))
-    return (random_subset(labelled_images(args.data, True, tf), n_bank),
-            random_subset(labelled_images(args.data, False, tf), n_queries))
-
-
-def knn_top1(backbone, pair, device):
-    """5-NN top-1 (%) of the queries against the bank: the authors' small-data k-NN."""
-    (fb, lb), (fq, lq) = (features(backbone, ds, device) for ds in pair)
-    return 100 * (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item()
-
-
 # ----------------------------------------------------------------------------- main
-QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024",
-               "--batch-size", "256", "--lr", "0.05", "--wd", "1e-4", "--epochs", "1",
-               "--warmup-epochs", "0", "--subset", "40000", "--workers", "1",
-               "--print-freq", "10", "--knn-every", "1", "--output-dir", "runs/quick-start"]
-
-
-RANGES = {"positive": lambda v: v > 0, "0 or more": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
-
-
-def check_ranges(args, rules):
-    """rules {"positive": "epochs lr", ...}: one line for the first number out of its range (NaN too)."""
-    for rule, names in rules.items():
-        for name in names.split():
-            v = getattr(args, name)
-            if v is not None and not RANGES[rule](v):
-                fail(f"--{name.replace('_', '-')} must be {rule}, not {v}")
-
-
-CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024", "--batch-size", "256",
+               "--lr", "0.05", "--wd", "1e-4", "--epochs", "1", "--warmup-epochs", "0", "--subset", "20000",
+               "--workers", "1", "--print-freq", "10", "--monitor-every", "1", "--output-dir", "runs/quick-start"]
 
 
 def parse_args(argv=None, need_data=True):
@@ -904,47 +572,41 @@ def parse_args(argv=None, need_data=True):
                    help="IterNorm (INTL), the Spectral Transformation λ^-p by float64 eigendecomposition, or "
                         "none: plain nmse on the projector output, the collapse baseline (β defaults to 0)")
     p.add_argument("--power", type=float, default=0.5, help="p of --transform power (0.5: ZCA whitening)")
-    p.add_argument("--beta", type=float, default=None, help="trace-loss weight β (None: 0.01 (log2 k - 3), k the global batch or the embedding dim; 0 for --transform none)")
+    p.add_argument("--beta", type=float, default=None, help="trace-loss weight β (None: 0.01 (log2 k - 3), k the "
+                   "global batch or the embedding dim; 0 for --transform none)")
     p.add_argument("--momentum", type=float, default=0.996, help="INTL-M start momentum m0")
     p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
     p.add_argument("--small-images", action="store_true", help="32-px data: 3x3 stem and the 32-px crops")
     p.add_argument("--projector", default="8192-8192-8192", help="projector widths")
     p.add_argument("--multi-crop", action="store_true", help="6 crops: 2x224, 192, 160, 128, 96")
     p.add_argument("--epochs", type=int, default=100, help="pretraining epochs")
-    p.add_argument("--stop-epoch", type=int, default=0,
-                   help="stop after this epoch (schedules still span --epochs); resume later")
+    p.add_argument("--stop-epoch", type=int, default=0, help="stop after this epoch (schedules span --epochs)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size")
     p.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images (lr = LR × batch/256)")
     p.add_argument("--wd", type=float, default=1e-5, help="weight decay (weights only)")
     p.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up epochs")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="auto: bf16 on GPUs that support it, else off")
-    p.add_argument("--gpu-aug", action="store_true",
-                   help="workers only decode; the crops are drawn batched on the device (gpu_aug.py)")
+    p.add_argument("--gpu-aug", action="store_true", help="workers only decode; crops drawn on the device (gpu_aug.py)")
     p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the encoder in this mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--workers", type=int, default=min(8, CPU_CORES), help="data workers per process")
+    p.add_argument("--workers", type=int, default=min(8, utils.CPU_CORES), help="data workers per process")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights (augmentation: seed + rank)")
     p.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--knn-every", type=int, default=0, help="every N epochs, 5-NN top-1 of the backbone on "
-                   "labelled data (the test split, or DIR/val) as an online monitor (0: never)")
-    p.add_argument("--output-dir", default="runs/intl",
-                   help="checkpoint.pth, backbone.pth and log.jsonl go here")
+    p.add_argument("--monitor-every", type=int, default=0, help="every N epochs, 5-NN and linear-probe top-1 of the "
+                   "backbone on labelled data (the test split, or DIR/val) as an online monitor (0: never)")
+    p.add_argument("--output-dir", default="runs/intl", help="checkpoint.pth, backbone.pth and log.jsonl go here")
     p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
-    p.add_argument("--allow-changed-args", action="store_true",
-                   help="resume a checkpoint made with other settings (batch size, epochs, lr...) with this run's")
-    p.add_argument("--save-every-minutes", type=float, default=0,
-                   help="also save mid-epoch this often, against hard kills (0: at epoch ends and on signals)")
-    p.add_argument("--max-bad-files", type=float, default=0.01,
-                   help="stop when more than this fraction of an epoch's images are unreadable")
-    p.add_argument("--max-nonfinite", type=int, default=20,
-                   help="stop after this many non-finite losses in a row (their updates are skipped)")
+    p.add_argument("--allow-changed-args", action="store_true", help="resume a checkpoint made with other settings")
+    p.add_argument("--save-every-minutes", type=float, default=0, help="also save mid-epoch this often (against kill -9)")
+    p.add_argument("--max-bad-files", type=float, default=0.01, help="stop past this fraction of unreadable images")
+    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after N non-finite losses in a row (skipped)")
     p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
     args = p.parse_args(argv)
     if not args.data and need_data:
         fail("--data is required (a folder in ImageNet layout, fashion-mnist, cifar10 or cifar100)")
-    check_ranges(args, {"positive": "epochs batch_size iters print_freq lr",
-                        "0 or more": "subset stop_epoch warmup_epochs workers wd knn_every", "in [0, 1]": "momentum"})
+    utils.check_ranges(args, {"positive": "epochs batch_size iters print_freq lr",
+                              "0 or more": "subset stop_epoch warmup_epochs workers wd monitor_every", "in [0, 1]": "momentum"})
     widths = args.projector.split("-")
     if not all(w.isdigit() and int(w) > 0 for w in widths) or int(widths[-1]) < 2:
         fail(f"--projector {args.projector}: widths are positive integers joined by '-', the last "
@@ -953,19 +615,35 @@ def parse_args(argv=None, need_data=True):
     return args
 
 
+def quick_start():
+    """INTL beside the same run without a transform, each on Fashion-MNIST for a minute or two,
+    then the network at random init: the effective rank of each embedding, and the 5-NN and
+    linear-probe top-1 of each backbone (the online monitor)."""
+    rows = {}
+    for name, extra in [("INTL", []), ("no transform", ["--transform", "none", "--output-dir", "runs/quick-start-none"])]:
+        print(f"quick start, {name}: python intl.py {' '.join(QUICK_START + extra)}", flush=True)
+        args = parse_args(QUICK_START + extra)
+        backbone, _ = train(args)
+        with open(os.path.join(args.output_dir, "log.jsonl")) as f:
+            rows[name] = [json.loads(line) for line in f][-1]       # the epoch's record
+    with torch.random.fork_rng(devices=[]):   # the weights both runs started from
+        torch.manual_seed(args.seed)
+        random_init = resnet_backbone(args.arch, args.small_images)[0].to(next(backbone.parameters()).device)
+    rows["random init"] = utils.monitor(random_init, monitor_data(args), next(backbone.parameters()).device)
+    k = whitened_count(args)
+    print(f"\n{f'seed {args.seed}':14} {'effective rank of the embedding':>32} {'5-NN':>6} {'linear':>7}")
+    for name, r in rows.items():
+        erank = f"{r['projector']['erank']:.1f} of {k}" if "projector" in r else "-"
+        print(f"{name:14} {erank:>32} {r['knn5_top1']:5.1f}% {r['linear_top1']:6.1f}%")
+    a, b, r = rows.values()
+    print(f"what to look at: the effective rank, {b['projector']['erank']:.1f} of {k} without a transform against "
+          f"{a['projector']['erank']:.1f} with IterNorm and the trace loss; and the linear probe against a random "
+          f"network's, {b['linear_top1'] - r['linear_top1']:+.1f} points without against "
+          f"{a['linear_top1'] - r['linear_top1']:+.1f} with", flush=True)
+
+
 def main():
-    quick = len(sys.argv) == 1
-    if quick:
-        print("quick start: python intl.py " + " ".join(QUICK_START), flush=True)
-    args = parse_args(QUICK_START if quick else None)
-    backbone, rank = train(args)
-    if quick and rank == 0:      # the same check on the network as it was before training
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            random_init = resnet_backbone(args.arch, args.small_images)[0]
-        device = next(backbone.parameters()).device
-        print(f"5-NN top-1 of the same network at random init: "
-              f"{knn_top1(random_init.to(device), knn_pair(args), device):.1f}%", flush=True)
+    train(parse_args()) if len(sys.argv) > 1 else quick_start()
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ float64 computation, DDP against one process, resume against a straight run, the
 lines on real image files, the ImageNet recipes against the paper's table, and the batched
 augmentation against torchvision's ops and samplers."""
 import argparse
+import contextlib
 import copy
 import errno
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -15,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,9 +36,9 @@ from torchvision.transforms import InterpolationMode
 
 import benchmark
 import eval_linear
-import faults
 import gpu_aug
 import intl
+import utils
 from intl import MEAN, STD, resnet_backbone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -478,12 +479,12 @@ def fake_cifar(root, name, n_per_batch=8, seed=0):
 def test_cifar_batches_are_read_pixel_for_pixel(name, tmp_path, monkeypatch):
     written = fake_cifar(str(tmp_path / "data"), name)
     monkeypatch.chdir(tmp_path)
-    images, labels = intl.load_cifar(name, train=True)
+    images, labels = utils.load_cifar(name, train=True)
     train = [v for k, v in written.items() if "test" not in k]
     assert np.array_equal(images, np.concatenate([hwc for hwc, _ in train]))
     assert labels.tolist() == sum((lab for _, lab in train), [])
-    test_images, _ = intl.load_cifar(name, train=False)
-    img, label = intl.ArrayImages(test_images, labels, T.PILToTensor())[3]
+    test_images, _ = utils.load_cifar(name, train=False)
+    img, label = utils.ArrayImages(test_images, labels, T.PILToTensor())[3]
     assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(written["test_batch" if name == "cifar10" else "test"][0][3]))
 
 
@@ -494,7 +495,7 @@ def test_cifar_missing_and_not_downloadable_is_one_line(tmp_path, monkeypatch, c
         raise RuntimeError("no network")
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
     with pytest.raises(SystemExit) as e:
-        intl.load_cifar("cifar100")
+        utils.load_cifar("cifar100")
     assert "cifar100 is not in ./data/cifar-100-python" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -513,7 +514,7 @@ def test_cifar_run_uses_the_authors_setting(tmp_path):
     groups = ckpt["optimizer"]["param_groups"]
     assert groups[0]["weight_decay"] == 1e-4 and len(groups[0]["params"]) == len(ckpt["model"]) - sum(
         "running" in k or "num_batches" in k for k in ckpt["model"])        # every parameter decays
-    assert ckpt["args"]["workers"] == min(8, intl.CPU_CORES)
+    assert ckpt["args"]["workers"] == min(8, utils.CPU_CORES)
     recipe = intl.crop_recipe(argparse.Namespace(**ckpt["args"]))
     assert [c.mean for c in recipe] == [(0.4914, 0.4822, 0.4465)] * 2 and [c.p_solarize for c in recipe] == [0.0, 0.2]
 
@@ -545,13 +546,13 @@ def test_cifar_features_see_the_cifar10_test_normalisation(tmp_path, monkeypatch
 def test_fashion_mnist_reads_the_real_files():
     assert os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"), \
         "install the Debian package dataset-fashion-mnist"
-    images, labels = intl.load_fashion_mnist(train=True)
+    images, labels = utils.load_fashion_mnist(train=True)
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [6000] * 10
     assert 60 < images.mean() < 90                     # real clothing, not zeros or noise
-    test_images, test_labels = intl.load_fashion_mnist(train=False)
+    test_images, test_labels = utils.load_fashion_mnist(train=False)
     assert test_images.shape == (10000, 28, 28) and np.bincount(test_labels).tolist() == [1000] * 10
-    x, y = intl.ArrayImages(images, labels, torchvision.transforms.ToTensor())[0]
+    x, y = utils.ArrayImages(images, labels, torchvision.transforms.ToTensor())[0]
     assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1]) and y == labels[0]
     assert torch.equal((x[0, 2:30, 2:30] * 255).round().byte(), torch.from_numpy(images[0]))
     assert x[:, :2].sum() == 0                         # padded with black to 32 px
@@ -562,14 +563,14 @@ def test_knn_majority_vote():
     bank = torch.tensor([[1.0, 0.4], [1.2, 0.5], [5.0, 0.0], [6.0, 0.1]])
     labels = torch.tensor([0, 0, 1, 1])
     q = torch.tensor([[4.0, 0.0], [1.0, 0.5]])
-    assert intl.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [1, 0]
-    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2).tolist() == [0]   # not by direction,
-    assert intl.knn_predict(bank, labels, q[:1] / 4, k=2, temperature=0.07).tolist() == [1]   # as here
+    assert utils.knn_predict(bank, labels, q, k=2, chunk=1).tolist() == [1, 0]
+    assert utils.knn_predict(bank, labels, q[:1] / 4, k=2).tolist() == [0]   # not by direction,
+    assert utils.knn_predict(bank, labels, q[:1] / 4, k=2, temperature=0.07).tolist() == [1]   # as here
     # a 2-2 tie: the smallest label wins, even when the other class holds the nearest images
     tie = torch.tensor([[0.1, 0], [0.2, 0], [0.3, 0], [0.4, 0], [5.0, 0]])
-    assert intl.knn_predict(tie, torch.tensor([3, 3, 1, 1, 0]), torch.zeros(1, 2), k=4).tolist() == [1]
+    assert utils.knn_predict(tie, torch.tensor([3, 3, 1, 1, 0]), torch.zeros(1, 2), k=4).tolist() == [1]
     # fewer bank images than k: k is the bank size
-    assert intl.knn_predict(bank, labels, q, k=20).tolist() == intl.knn_predict(bank, labels, q, k=4).tolist()
+    assert utils.knn_predict(bank, labels, q, k=20).tolist() == utils.knn_predict(bank, labels, q, k=4).tolist()
 
 
 # ----------------------------------------------------------------------------- the training loop end to end
@@ -585,11 +586,28 @@ def image_folder(root, n_per_class=4, size=40):
     return root
 
 
-def run_intl(*args, env=None, check=True):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "intl.py"), *map(str, args)],
-                       capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
-    if check:
-        assert p.returncode == 0, p.stderr[-3000:]
+def in_process(main, args):
+    """main(ARGS) in this process, as python runs a script: the exit code (an error's
+    sys.exit(message) gives 1 and the message on stderr), stdout and stderr."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+            print(e.code, file=sys.stderr) if isinstance(e.code, str) else None
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_intl(*args, env=None, check=True, alone=False):
+    """python intl.py ARGS, in this process (the same code and seeds, without a new interpreter's
+    seconds of imports) unless `alone` or `env` asks for a process of its own."""
+    if env is None and not alone:
+        p = in_process(lambda argv: intl.train(intl.parse_args(argv)), args)
+    else:
+        p = subprocess.run([sys.executable, os.path.join(HERE, "intl.py"), *map(str, args)],
+                           capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    assert p.returncode == 0 or not check, p.stderr[-3000:]
     return p
 
 
@@ -716,7 +734,7 @@ def train_in_process(*argv):
 
 
 def one_line_exit(call, *words):
-    """`call` stops as intl.fail does: SystemExit with a one-line message holding `words`."""
+    """`call` stops as utils.fail does: SystemExit with a one-line message holding `words`."""
     with pytest.raises(SystemExit) as e:
         call()
     msg = str(e.value.code)
@@ -853,7 +871,7 @@ def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_p
     args = intl.parse_args(resume_args(data, "--output-dir", out, "--amp", "fp16"))
     online, _, target = intl.build_model(args, torch.device("cpu"), 1)
     optimizer, scaler = intl.build_optimizer(online, args, torch.device("cpu"))
-    assert intl.resume_from(ckpt_path, online, target, optimizer, scaler, None, args, 0, 1) == (1, 1)
+    assert utils.resume_from(ckpt_path, online, target, optimizer, scaler, None, args, 0, 1) == (1, 1)
     assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
     before = online.projector[0].weight.detach().clone()
     scaler.scale(online.projector(torch.randn(4, 512)).pow(2).sum()).backward()
@@ -861,7 +879,7 @@ def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_p
     assert not torch.equal(before, online.projector[0].weight)
 
 
-# ----------------------------------------------------------------------------- faults of long runs
+# ----------------------------------------------------------------------------- what a long run survives
 # unreadable files, a kill and a resume, divergence, a full disk, torchrun restarts
 def png_header_only(path, width, height):
     """A PNG that declares width × height pixels (and holds none): over Pillow's bomb limit."""
@@ -934,7 +952,7 @@ def vm_peak_mib(load):
 def test_16_bit_pngs_are_scaled_and_big_pngs_never_copied_at_full_size(tmp_path):
     grey = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)      # up to 65472
     Image.fromarray(grey).save(tmp_path / "grey16.png")
-    for img in [faults.load_rgb(str(tmp_path / "grey16.png")), gpu_aug.load_capped(str(tmp_path / "grey16.png"))]:
+    for img in [utils.load_rgb(str(tmp_path / "grey16.png")), gpu_aug.load_capped(str(tmp_path / "grey16.png"))]:
         assert img.mode == "RGB" and np.array_equal(np.asarray(img)[..., 1], (grey >> 8).astype(np.uint8))
     # --gpu-aug's decoder on a 6000 × 4000 PNG (72 MB of pixels): no other full-size copy
     ramp = np.linspace(0, 255, 6000, dtype=np.float32)
@@ -981,7 +999,7 @@ def test_a_non_finite_loss_skips_its_update_and_k_in_a_row_stop_the_run(fused, c
     args = argparse.Namespace(iters=4, whiten="channel", transform="iternorm")
     online = tiny_bn_encoder()
     optimizer = torch.optim.SGD(intl.param_groups(online, 1e-4), lr=0.1, momentum=0.9, fused=fused)
-    faults.zero_momentum(optimizer)
+    utils.zero_momentum(optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     views = [torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(v)) for v in range(2)]
     counts = torch.zeros(3)
@@ -992,14 +1010,14 @@ def test_a_non_finite_loss_skips_its_update_and_k_in_a_row_stop_the_run(fused, c
         if poison:
             x[1][0, 0, 0, 0] = float("nan")
         loss = intl.train_step(online, online, None, optimizer, scaler, x, 0.99, 0.05, None, args)[0]
-        faults.count_nonfinite(counts, loss)
+        utils.count_nonfinite(counts, loss)
         changed = any(not torch.equal(a, p) for a, p in zip(before, online.parameters()))
         assert changed != poison and torch.isfinite(loss) != poison
         assert torch.equal(momentum[0], optimizer.state_dict()["state"][0]["momentum_buffer"]) == poison
     assert counts.tolist() == [3, 1, 2]                # skipped, current run, longest run
-    faults.check_nonfinite(counts, 3, 4, 0.1, rank=0)   # no run of 3: goes on
+    utils.check_nonfinite(counts, 3, 4, 0.1, rank=0)   # no run of 3: goes on
     with pytest.raises(SystemExit) as e:
-        faults.check_nonfinite(counts, 2, 4, 0.1, rank=0)
+        utils.check_nonfinite(counts, 2, 4, 0.1, rank=0)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and err.count("\n") == 0 and "2 steps in a row, by step 4 (lr 0.1)" in err
 
@@ -1010,7 +1028,7 @@ def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(tmp_pat
     data = image_folder(str(tmp_path / "data"), n_per_class=8, size=32)
     out = tmp_path / "out"
     p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "4", "--epochs", "1", "--lr", "1e9",
-                 "--warmup-epochs", "0", "--save-every-minutes", "1e-6", "--output-dir", out, check=False)
+                 "--warmup-epochs", "0", "--save-every-minutes", "1e-6", "--output-dir", out, check=False, alone=True)
     assert p.returncode == 1 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     step = int(re.search(r"step (\d+) \(lr [0-9.e+]+\)", p.stderr).group(1))
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
@@ -1020,7 +1038,7 @@ def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(tmp_pat
 
 def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    faults.save_atomic({"w": torch.ones(3)}, str(path))
+    utils.save_atomic({"w": torch.ones(3)}, str(path))
     good = sha(path)
 
     def fill_the_disk(obj, f):
@@ -1028,14 +1046,14 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_save(tmp_path, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", fill_the_disk)
     with pytest.raises(SystemExit) as e:
-        faults.save_atomic({"w": torch.zeros(3)}, str(path))
+        utils.save_atomic({"w": torch.zeros(3)}, str(path))
     msg = str(e.value.code)
     assert msg.startswith("error: cannot save") and "disk is full" in msg and str(tmp_path) in msg
     assert "\n" not in msg and "previous one is intact" in msg
     assert os.listdir(tmp_path) == ["checkpoint.pth"] and sha(path) == good
     (tmp_path / "backbone.pth.tmp77").write_bytes(b"cut short")
     (tmp_path / "notes.tmp").write_bytes(b"not ours")
-    faults.remove_partial_saves(str(tmp_path))
+    utils.remove_partial_saves(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "notes.tmp"]
 
 
@@ -1092,17 +1110,52 @@ def test_figures_from_a_real_fashion_mnist_run(tmp_path):
     run = tmp_path / "run"
     run_intl("--data", "fashion-mnist", "--subset", "8", *SMALL, "--batch-size", "4", "--epochs", "2",
              "--output-dir", run)
+    figures = importlib.import_module("figures")
     for figure, runs in [("maths", []), ("spectrum", [run]), ("ablation", [run, run])]:
         out = tmp_path / "docs" / f"{figure}.png"
-        subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), figure, *map(str, runs), "--out", str(out)],
-                       check=True, capture_output=True, timeout=300)
+        figures.main([figure, *map(str, runs), "--out", str(out)])
         with Image.open(out) as img:
             img.load()                        # decodes
             assert img.width > 300 and img.height > 200
         assert os.path.getsize(out) < 200 * 1024
-    p = subprocess.run([sys.executable, os.path.join(HERE, "figures.py"), "spectrum", str(tmp_path), "--out",
-                        str(tmp_path / "x.png")], capture_output=True, text=True)
-    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "spectrum.jsonl not found" in p.stderr
+    with pytest.raises(SystemExit) as e:
+        figures.main(["spectrum", str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert "\n" not in str(e.value.code) and "spectrum.jsonl not found" in str(e.value.code)
+
+
+def test_monitor_and_robustness_figures(tmp_path, monkeypatch, capsys):
+    """The monitor figure's baselines against a brute-force 5-NN on the raw pixels; the robustness
+    figure places each run by its name and marks the one that diverged."""
+    figures = pytest.importorskip("figures")
+    original = intl.monitor_data
+    monkeypatch.setattr(intl, "monitor_data", lambda args: original(args, n_bank=40, n_queries=20))
+    tiny = ["--data", "fashion-mnist", "--subset", "16", "--epochs", "1", "--arch", "resnet18", "--workers", "0",
+            "--print-freq", "1", "--monitor-every", "1"]
+    # names place the runs; the T row's (b256-d1024) is trained at batch 8, dim 16 here
+    for name, b, d, t in [("b4-d16-t4", 4, 16, 4), ("b8-d16-t4", 8, 16, 4), ("b256-d1024-t4", 8, 16, 4),
+                          ("b256-d1024-t2", 8, 16, 2)]:
+        intl.train(intl.parse_args(tiny + ["--batch-size", str(b), "--projector", f"16-{d}", "--iters", str(t),
+                                           "--output-dir", str(tmp_path / name)]))
+    p = run_intl(*tiny, "--subset", "64", "--batch-size", "8", "--projector", "16-32", "--lr", "1e9",
+                 "--max-nonfinite", "1", "--output-dir", tmp_path / "b8-d32-t4", check=False, alone=True)
+    assert p.returncode == 1 and "not finite" in p.stderr
+    fig = figures.robustness(argparse.Namespace(runs=[str(p) for p in sorted(tmp_path.iterdir())]))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert len(texts) == 4 and texts.count("diverged") == 1          # 3 x 3 cells, 4 of them run
+    last = read_log(tmp_path / "b4-d16-t4")[-1]
+    assert f"{last['linear_top1']:.1f}\nrank {last['projector']['erank']:.0f}" in texts
+    t_row = fig.axes[1].lines[0]                                        # linear probe against T
+    assert list(t_row.get_xdata()) == [2, 4]
+    assert list(t_row.get_ydata()) == [read_log(tmp_path / f"b256-d1024-t{t}")[-1]["linear_top1"] for t in (2, 4)]
+    capsys.readouterr()
+    fig = figures.monitor(argparse.Namespace(runs=[str(tmp_path / "b4-d16-t4")]))
+    out = capsys.readouterr().out
+    bank, queries = intl.monitor_data(intl.parse_args(tiny))
+    flat = lambda ds: torch.stack([x.flatten() for x, _ in ds])
+    pred = brute_force_knn(flat(bank), torch.tensor([y for _, y in bank]), flat(queries), 5, None)
+    raw = 100 * (pred == torch.tensor([y for _, y in queries])).double().mean().item()
+    assert f"raw pixels: 5-NN top-1 (%) {raw:.2f}" in out
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3      # the run, random init, raw pixels
 
 
 # ============================================================================= eval_linear.py
@@ -1152,9 +1205,9 @@ def backbone_pth(folder, tmp_path_factory):
     return path
 
 
-def run_eval(args, cwd=HERE):
-    return subprocess.run([sys.executable, os.path.join(HERE, "eval_linear.py")] + args,
-                          capture_output=True, text=True, cwd=cwd)
+def run_eval(args):
+    """python eval_linear.py ARGS, in this process."""
+    return in_process(eval_linear.main, args)
 
 
 def common(folder, out, *extra):
@@ -1245,7 +1298,7 @@ def test_knn_matches_brute_force(n_bank, k, temperature):
         votes = [torch.bincount(labels[(queries[i] - bank).norm(dim=1).argsort()[:k]]) for i in range(53)]
         assert sum((v == v.max()).sum() > 1 for v in votes) >= 5
     for chunk in (1, 10, 1024):
-        assert torch.equal(intl.knn_predict(bank, labels, queries, k, temperature, chunk), expected)
+        assert torch.equal(utils.knn_predict(bank, labels, queries, k, temperature, chunk), expected)
 
 
 @pytest.mark.parametrize("subset", [0, 12])
@@ -1262,7 +1315,7 @@ def test_knn_end_to_end(folder, backbone_pth, tmp_path, capsys, subset):
     labels = torch.arange(3).repeat_interleave(8)
     truth = torch.arange(3).repeat_interleave(4)
     if subset:
-        kept = intl.random_subset(range(24), subset).indices
+        kept = utils.random_subset(range(24), subset).indices
         bank, labels = bank[kept], labels[kept]
     printed = capsys.readouterr().out
     for key, k, t, label in [
@@ -1363,13 +1416,30 @@ def test_linear_probe_on_separable_features_and_its_exponential_lr():
     x, xv = centres[y] + torch.randn(2500, 32, generator=g), centres[yv] + torch.randn(500, 32, generator=g)
     records = []
     torch.manual_seed(0)
-    acc1, acc5 = eval_linear.train_probe(x, y, xv, yv, 4, epochs=20, every=1, report=records.append)
+    acc1, acc5 = utils.train_probe(x, y, xv, yv, 4, epochs=20, every=1, report=records.append)
     assert acc1 >= 98 and acc5 == 100 and (acc1, acc5) == (records[-1]["acc1"], records[-1]["acc5"])
     assert [r["epoch"] for r in records] == list(range(1, 21))
     # epoch e (from 0) of E runs at 1e-2 (1e-6 / 1e-2)^(e/E): the authors' per-epoch ExponentialLR
     assert [r["lr"] for r in records] == pytest.approx([1e-2 * 1e-4 ** (e / 20) for e in range(20)], rel=1e-12)
-    assert records[0]["lr"] == 1e-2 and eval_linear.exp_lr(20, 20, 1e-2) == pytest.approx(1e-6, rel=1e-12)
+    assert records[0]["lr"] == 1e-2 and utils.exp_lr(20, 20, 1e-2) == pytest.approx(1e-6, rel=1e-12)
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_monitor_scores_both_probes_and_leaves_the_random_streams():
+    """utils.monitor: the 5-NN and the linear probe on the same features, and the training run's
+    random streams as they were (it draws its own permutations from a forked generator)."""
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 12, generator=g) * 4
+    labels = torch.randint(0, 3, (3100,), generator=g)       # 3 batches of 1000 a probe epoch
+    points = centres[labels] + torch.randn(3100, 12, generator=g)
+    bank, queries = list(zip(points[:3000], labels[:3000].tolist())), list(zip(points[3000:], labels[3000:].tolist()))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    scores = utils.monitor(nn.Flatten(), (bank, queries), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    pred = brute_force_knn(points[:3000], labels[:3000], points[3000:], 5, None)
+    assert scores["knn5_top1"] == pytest.approx(100 * (pred == labels[3000:]).double().mean().item())
+    assert scores["linear_top1"] >= 95
 
 
 def test_features_protocol_end_to_end(folder, backbone_pth, tmp_path):
@@ -1547,7 +1617,7 @@ def test_resized_crop_equals_torchvision(size):
 def test_resized_crop_of_a_fashion_mnist_image():
     if not os.path.exists(FMNIST):
         pytest.skip("Fashion-MNIST not installed")
-    img = torch.from_numpy(intl.read_idx(FMNIST)[:1]).expand(3, -1, -1)[None]    # [1, 3, 28, 28]
+    img = torch.from_numpy(utils.read_idx(FMNIST)[:1]).expand(3, -1, -1)[None]    # [1, 3, 28, 28]
     for box, size in [((2, 3, 20, 24), 32), ((0, 0, 28, 28), 16), ((5, 1, 9, 13), 96)]:
         ours = gpu_aug.resized_crop(img, torch.tensor([box]), size)
         ref = TF.resized_crop(img[0].float() / 255, *box, [size, size], InterpolationMode.BICUBIC)
@@ -1859,12 +1929,12 @@ def test_resume_keeps_this_runs_fused_optimizer(tmp_path):
     online(torch.randn(4, 3, 8, 8)[None].unbind())[0].sum().backward()
     unfused.step()
     torch.save({"model": online.state_dict(), "target": None, "optimizer": unfused.state_dict(),
-                "scaler": torch.amp.GradScaler("cpu").state_dict(), "rng": [intl.rng_state()],
+                "scaler": torch.amp.GradScaler("cpu").state_dict(), "rng": [utils.rng_state()],
                 "epoch": 1, "step": 1}, tmp_path / "c.pth")
     fused = torch.optim.SGD(intl.param_groups(online, 1e-4), lr=0.1, momentum=0.9, fused=True)
     scaler = torch.amp.GradScaler("cpu")
     args = argparse.Namespace(arch="tiny", method="intl", projector="16-12")
-    assert intl.resume_from(tmp_path / "c.pth", online, None, fused, scaler, None, args, 0, 1) == (1, 1)
+    assert utils.resume_from(tmp_path / "c.pth", online, None, fused, scaler, None, args, 0, 1) == (1, 1)
     assert all(g["fused"] for g in fused.param_groups)
     scaler.scale(online(torch.randn(4, 3, 8, 8)[None].unbind())[0].sum()).backward()
     scaler.step(fused)
@@ -1938,7 +2008,7 @@ def test_benchmark_aug_prints_its_figures_and_the_grid(tmp_path, monkeypatch, ca
     torch.set_num_threads(2)                                   # the benchmark timed one core
     assert ours / 4 < r["pil_img_per_s_per_core"] < 4 * ours and len(pil_calls) >= 2 * benchmark.REPEATS
     assert r["gpu_aug_cpu_img_per_s_per_core"] > r["pil_img_per_s_per_core"]   # decode + pad only
-    assert Image.open(r["grid"]).size == (8 * 112 + 28, 2 * 112)
+    assert Image.open(r["grid"]).size == (8 * 72 + 18, 2 * 72)
 
 
 def test_gpu_check_runs_what_fits_and_prints_one_table(tmp_path, capsys, monkeypatch):
@@ -1954,20 +2024,23 @@ def test_gpu_check_runs_what_fits_and_prints_one_table(tmp_path, capsys, monkeyp
     assert out.count("\n| ") == len(rows) + 2 + any(r[1] == "aug" and r[2] for r in rows)
 
 
-def test_quick_start_prints_its_command_and_the_knn_check(tmp_path, capsys, monkeypatch):
-    """python intl.py with no arguments: the quick start, shrunk here to a few steps; its 5-NN
-    figures (trained, every epoch, and at random init) against a brute-force vote."""
+def test_quick_start_prints_both_runs_and_the_table(tmp_path, capsys, monkeypatch):
+    """python intl.py with no arguments: the quick start, shrunk here to a few steps; its INTL and
+    no-transform runs, then the table: effective ranks from the logs, 5-NN figures (trained,
+    without a transform and at random init) against a brute-force vote."""
+    monkeypatch.chdir(tmp_path)
     flags = dict(zip(intl.QUICK_START[::2], intl.QUICK_START[1::2]))
     flags.update({"--subset": "64", "--batch-size": "32", "--projector": "64-64", "--workers": "0",
-                  "--output-dir": str(tmp_path)})
+                  "--output-dir": "intl"})
     monkeypatch.setattr(intl, "QUICK_START", [x for kv in flags.items() for x in kv])
     monkeypatch.setattr(sys, "argv", ["intl.py"])
-    pair = intl.knn_pair
-    monkeypatch.setattr(intl, "knn_pair", lambda args: pair(args, n_bank=60, n_queries=20))
+    pair = intl.monitor_data
+    monkeypatch.setattr(intl, "monitor_data", lambda args: pair(args, n_bank=60, n_queries=20))
     intl.main()
     out = capsys.readouterr().out
-    assert out.startswith("quick start: python intl.py --data fashion-mnist")
-    assert "ep 1/1 step 2/2" in out
+    assert out.startswith("quick start, INTL: python intl.py --data fashion-mnist")
+    assert "quick start, no transform: python intl.py --data fashion-mnist" in out and "--transform none" in out
+    assert out.count("ep 1/1 step 2/2") == 2
     bank, queries = pair(intl.parse_args(intl.QUICK_START), n_bank=60, n_queries=20)
     truth = torch.tensor([y for _, y in queries])
 
@@ -1977,17 +2050,27 @@ def test_quick_start_prints_its_command_and_the_knn_check(tmp_path, capsys, monk
             fb, fq = (net(torch.stack([x for x, _ in ds])) for ds in (bank, queries))
         pred = brute_force_knn(fb, torch.tensor([y for _, y in bank]), fq, 5, None)
         return 100 * (pred == truth).double().mean().item()
-    trained, _ = resnet_backbone("resnet18")
-    trained.load_state_dict(torch.load(tmp_path / "backbone.pth"))
+    nets, linear = {}, {}
+    for name, run in [("INTL", "intl"), ("no transform", "runs/quick-start-none")]:
+        nets[name], _ = resnet_backbone("resnet18")
+        nets[name].load_state_dict(torch.load(tmp_path / run / "backbone.pth"))
+        rec = read_log(tmp_path / run)[-1]
+        linear[name] = rec["linear_top1"]
+        assert rec["knn5_top1"] == pytest.approx(top1(nets[name]))
+        assert re.search(rf"\n{name} +{rec['projector']['erank']:.1f} of 32 +{top1(nets[name]):.1f}% +"
+                         rf"{linear[name]:.1f}%\n", out), (name, out)
     torch.manual_seed(0)
-    random_init, _ = resnet_backbone("resnet18")
-    assert f"; 5-NN top-1 {top1(trained):.1f}%" in out
-    assert f"5-NN top-1 of the same network at random init: {top1(random_init):.1f}%" in out
-    assert read_log(tmp_path)[-1]["knn5_top1"] == pytest.approx(top1(trained))
+    nets["random init"], _ = resnet_backbone("resnet18")
+    linear["random init"] = utils.monitor(nets["random init"], (bank, queries), torch.device("cpu"))["linear_top1"]
+    assert re.search(rf"\nrandom init +- +{top1(nets['random init']):.1f}% +{linear['random init']:.1f}%\n", out), out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("what to look at: the effective rank, ")
+    assert last.endswith(f"{linear['no transform'] - linear['random init']:+.1f} points without against "
+                         f"{linear['INTL'] - linear['random init']:+.1f} with")
 
 
 # ----------------------------------------------------------------------------- structure
-PROJECT = ["gpu_aug", "faults", "intl", "eval_linear", "benchmark", "figures"]
+PROJECT = ["utils", "gpu_aug", "intl", "eval_linear", "benchmark", "figures"]
 
 
 def project_imports(module):
@@ -2004,19 +2087,22 @@ def project_imports(module):
 
 
 def test_imports_point_one_way():
-    """faults.py (a leaf) <- gpu_aug.py <- intl.py <- eval_linear.py, benchmark.py, figures.py;
-    gpu_aug only for --gpu-aug; each module imports alone, and intl.py is loaded once."""
-    assert project_imports("faults") == set()
-    assert project_imports("gpu_aug") == {"faults"}
-    assert project_imports("intl") == {"gpu_aug", "faults"}
+    """utils.py (a leaf) <- gpu_aug.py <- intl.py <- eval_linear.py, benchmark.py, figures.py
+    (so no cycle); gpu_aug only for --gpu-aug; each module imports alone; intl.py is loaded once."""
+    assert project_imports("utils") == set()
+    assert project_imports("gpu_aug") == {"utils"}
+    assert project_imports("intl") == {"gpu_aug", "utils"}
     for top in ("eval_linear", "benchmark", "figures"):
-        assert project_imports(top) <= {"intl", "gpu_aug", "faults"}, top
-    for m in PROJECT:
-        p = subprocess.run([sys.executable, "-c", f"import sys, {m}; print(sorted(set(sys.modules) & {set(PROJECT)!r}))"],
-                           cwd=HERE, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        loaded = set(eval(p.stdout))
-        assert m != "intl" or loaded == {"intl", "faults"}, loaded      # no gpu_aug without --gpu-aug
+        assert project_imports(top) <= {"intl", "gpu_aug", "utils"}, top
+    # each module imported alone (no other project module loaded), in one fresh interpreter
+    alone = (f"import importlib, sys\nfor m in {PROJECT!r}:\n    for p in {PROJECT!r}:\n        sys.modules.pop(p, None)\n"
+             f"    importlib.import_module(m)\n    print(m, sorted(set(sys.modules) & {set(PROJECT)!r}))")
+    p = subprocess.run([sys.executable, "-c", alone], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    loaded = {line.split(" ", 1)[0]: eval(line.split(" ", 1)[1]) for line in p.stdout.splitlines()}
+    assert loaded == {"utils": ["utils"], "gpu_aug": ["gpu_aug", "utils"], "intl": ["intl", "utils"],   # no gpu_aug
+                      "eval_linear": ["eval_linear", "intl", "utils"], "figures": ["figures", "intl", "utils"],
+                      "benchmark": ["benchmark", "gpu_aug", "intl", "utils"]}, loaded
     p = subprocess.run([sys.executable, "intl.py", "--data", "/nowhere"], cwd=HERE, capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr.count("\n") == 1              # nothing loads intl.py twice
 
@@ -2070,8 +2156,12 @@ def test_snippets_run_when_pasted_alone(snippet, names, tmp_path):
     path.write_text(PASTE_HEADER + "\n\n" + source_of(names) + "\n\n\n" + use + "\n")
     p = subprocess.run([sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    want = subprocess.run([sys.executable, "-c", "from intl import *\n" + use], cwd=HERE, capture_output=True, text=True)
-    assert p.stdout == want.stdout and p.stdout.strip()
+    namespace, want = {}, io.StringIO()            # as `from intl import *`, in this process
+    exec(PASTE_HEADER, namespace)
+    namespace.update(vars(intl))
+    with contextlib.redirect_stdout(want):
+        exec(use, namespace)
+    assert p.stdout == want.getvalue() and p.stdout.strip()
 
 
 def test_references_a_reader_can_find():
