@@ -145,8 +145,7 @@ def bench_step(args):
               "head_share": round(head / (1000 * step_s), 4),
               "data_wait_share": round(statistics.median(waits) / (args.bench_steps * step_s), 4),
               "warmup_s": round(warmup_s, 1)}
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    utils.leave_process_group()
     if rank == 0:
         print(f"{result['img_per_s']:.0f} img/s, {result['step_ms']:.1f} ms/step, head "
               f"{result['head_ms']:.2f} ms ({100 * result['head_share']:.1f}%), data wait "

@@ -497,8 +497,7 @@ def main(argv=None):
         result = features_protocol(backbone, train, val, classes, rank, world, device, args, log)
     else:
         result = fit(backbone, dim, train, val, classes, rank, world, device, args, log)
-    if world > 1:
-        dist.destroy_process_group()
+    utils.leave_process_group()
     return result
 
 

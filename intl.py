@@ -545,9 +545,7 @@ def train(args):
         if stopping:
             stop.exit(rank, step, ckpt_path, group)
     stop.restore()
-    if world > 1:       # all ranks leave together: gloo can hang if one tears down while rank 0 saves
-        dist.barrier()
-        dist.destroy_process_group()
+    utils.leave_process_group()
     return online.backbone, rank
 
 

@@ -284,7 +284,7 @@ def ddp_worker(rank, store, method, views, out):
     local = [v[rank * half:(rank + 1) * half] for v in views]
     loss, grads = loss_and_grads(method, local, model, online)
     torch.save((loss, grads), f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
+    utils.leave_process_group()
 
 
 @pytest.mark.parametrize("method", ["intl", "intl-m"])

@@ -99,6 +99,14 @@ def setup_distributed(batch_size):
     return rank, world, device
 
 
+def leave_process_group():
+    """Every rank leaves together (a barrier first): with gloo, a rank that tears the group down
+    while another still works (rank 0 saving) can hang both at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def on_rank0(read):
     """read() on rank 0, its result sent to every process: all act on rank 0's view of the files,
     also where each node has an output folder of its own."""
