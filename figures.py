@@ -136,8 +136,8 @@ def robustness(args):
         acc[i, j] = r["linear_top1"] if r else np.nan
     im = a.imshow(acc, cmap="viridis", aspect="auto")
     for (i, bs), (j, d) in ((x, y) for x in enumerate(batches) for y in enumerate(dims)):
-        r = cells.get((bs, d, 4), "missing")
-        if r != "missing":      # light text on the dark half of the colour map
+        if (bs, d, 4) in cells:     # light text on the dark half of the colour map
+            r = cells[bs, d, 4]
             dark = r and im.norm(r["linear_top1"]) < 0.5
             a.text(j, i, f"{r['linear_top1']:.1f}\nrank {r['projector']['erank']:.0f}" if r else "diverged",
                    ha="center", va="center", fontsize=7, color="white" if dark else "black")

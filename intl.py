@@ -624,10 +624,11 @@ def quick_start():
         backbone, _ = train(args)
         with open(os.path.join(args.output_dir, "log.jsonl")) as f:
             rows[name] = [json.loads(line) for line in f][-1]       # the epoch's record
+    device = next(backbone.parameters()).device
     with torch.random.fork_rng(devices=[]):   # the weights both runs started from
         torch.manual_seed(args.seed)
-        random_init = resnet_backbone(args.arch, args.small_images)[0].to(next(backbone.parameters()).device)
-    rows["random init"] = utils.monitor(random_init, monitor_data(args), next(backbone.parameters()).device)
+        random_init = resnet_backbone(args.arch, args.small_images)[0].to(device)
+    rows["random init"] = utils.monitor(random_init, monitor_data(args), device)
     k = whitened_count(args)
     print(f"\n{f'seed {args.seed}':14} {'effective rank of the embedding':>32} {'5-NN':>6} {'linear':>7}")
     for name, r in rows.items():

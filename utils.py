@@ -1,5 +1,6 @@
 """What a run needs besides the method, for intl.py and eval_linear.py: one-line errors, the
-data files, what a long run survives, checkpoints and their resume, and the k-NN on frozen features.
+data files, what a long run survives, checkpoints and their resume, and the online monitor's k-NN
+and linear probe on frozen features.
 
 * unreadable files (empty, truncated, not an image, over Pillow's decompression-bomb limit) give
   their slot to another image of the folder (SkipUnreadable), are reported once and counted
