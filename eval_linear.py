@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 import utils
-from intl import CIFAR_NORM, MEAN, STD, channels_last, eval_transform, gather, resnet_backbone
+from intl import CIFAR_NORM, MEAN, STD, channels_last, eval_side, eval_transform, gather, resnet_backbone
 from utils import (CPU_CORES, SMALL_DATA, check_ranges, fail, features, file_kind, knn_predict, labelled_images,
                    load_checkpoint, make_output_dir, on_rank0, random_subset, save_atomic, setup_distributed,
                    train_probe, write_log)
@@ -130,9 +130,9 @@ def datasets(args, small_images):
     if args.data in SMALL_DATA and args.train_subset:
         fail("--train-subset needs --data DIR in ImageNet layout")
     norm = CIFAR10_NORM if args.data in CIFAR_NORM else (MEAN, STD)
-    train_tf = eval_transform(small_images, *norm) if centre else train_transform(small_images, norm)
+    train_tf = eval_transform(eval_side(args), *norm) if centre else train_transform(small_images, norm)
     train = labelled_images(args.data, True, train_tf)
-    val = labelled_images(args.data, False, eval_transform(small_images, *norm))
+    val = labelled_images(args.data, False, eval_transform(eval_side(args), *norm))
     if args.data in SMALL_DATA:
         classes = 100 if args.data == "cifar100" else 10
     else:

@@ -91,16 +91,18 @@ def ablation(args):
 
 def monitor(args):
     """One run's online monitor per epoch (5-NN and linear probe), beside the same two probes on
-    the same labelled images for the raw pixels and for the network at random init."""
+    the same labelled images for the raw pixels (as they are, 32 px) and the network at random init."""
     run, cpu = args.runs[0], torch.device("cpu")
     recs = [r for r in read_jsonl(run, "log.jsonl") if "linear_top1" in r]
     if not recs:
         utils.fail(f"{run}/log.jsonl has no monitor records: train with --monitor-every 1")
     a = argparse.Namespace(**utils.load_checkpoint(os.path.join(run, "checkpoint.pth"))["args"])
     labelled = intl.monitor_data(a)
+    small = a.small_images or a.data in utils.SMALL_DATA          # then the pixels as they are: 32 px, no resize
+    as_they_are = intl.monitor_data(argparse.Namespace(**{**vars(a), "small_images": small}))
     torch.manual_seed(a.seed)      # the weights the run started from
     baselines = {"random init": utils.monitor(intl.resnet_backbone(a.arch, a.small_images)[0], labelled, cpu),
-                 "raw pixels": utils.monitor(torch.nn.Flatten(), labelled, cpu)}
+                 "raw pixels": utils.monitor(torch.nn.Flatten(), as_they_are, cpu)}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, title in zip(axes, ["knn5_top1", "linear_top1"], ["5-NN top-1 (%)", "linear probe top-1 (%)"]):
         ax.plot([r["epoch"] for r in recs], [r[key] for r in recs], marker="o", label="INTL, per epoch")

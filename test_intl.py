@@ -1150,7 +1150,12 @@ def test_monitor_and_robustness_figures(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     fig = figures.monitor(argparse.Namespace(runs=[str(tmp_path / "b4-d16-t4")]))
     out = capsys.readouterr().out
-    bank, queries = intl.monitor_data(intl.parse_args(tiny))
+    images, labels = utils.load_fashion_mnist(True)                   # the same images, as they are
+    bank = [(intl.eval_transform(32)(Image.fromarray(np.pad(images[i], 2)).convert("RGB")), int(labels[i]))
+            for i in torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:40].tolist()]
+    images, labels = utils.load_fashion_mnist(False)
+    queries = [(intl.eval_transform(32)(Image.fromarray(np.pad(images[i], 2)).convert("RGB")), int(labels[i]))
+               for i in torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:20].tolist()]
     flat = lambda ds: torch.stack([x.flatten() for x, _ in ds])
     pred = brute_force_knn(flat(bank), torch.tensor([y for _, y in bank]), flat(queries), 5, None)
     raw = 100 * (pred == torch.tensor([y for _, y in queries])).double().mean().item()
@@ -1402,11 +1407,28 @@ def test_centre_view_is_bilinear_resize_then_centre_crop():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (300, 410, 3), dtype=np.uint8))   # noise: every
     want = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])(img)
-    got = intl.eval_transform(small_images=False)(img)                          # interpolation differs
+    got = intl.eval_transform()(img)                                          # interpolation differs
     assert got.shape == (3, 224, 224) and torch.equal(got, want)
     small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    assert torch.equal(intl.eval_transform(small_images=True)(small),
-                       T.Normalize(MEAN, STD)(T.ToTensor()(small)))
+    assert torch.equal(intl.eval_transform(32)(small), T.Normalize(MEAN, STD)(T.ToTensor()(small)))
+    up = small.resize((48, 48), Image.BICUBIC)
+    assert torch.allclose(intl.eval_transform(48)(small), T.Normalize(MEAN, STD)(T.ToTensor()(up)), atol=0.05)
+
+
+def test_fashion_mnist_is_evaluated_at_the_training_crops_magnification():
+    """Through the ImageNet stem, 32-px data is evaluated at 48 px, between the median and the mean
+    magnification of the recipe's own crops (RandomResizedCrop's sampled boxes); the 3x3 stem
+    (CIFAR, --small-images) keeps 32 px, an image folder the 224-px centre view."""
+    fm = intl.parse_args(["--data", "fashion-mnist"])
+    crop = T.RandomResizedCrop(32, scale=intl.crop_recipe(fm)[0].scale)
+    torch.manual_seed(0)
+    boxes = [crop.get_params(torch.zeros(1, 32, 32), crop.scale, crop.ratio) for _ in range(20000)]
+    magnification = [32 / np.sqrt(h * w) for _, _, h, w in boxes]
+    assert 1.3 < np.median(magnification) < intl.eval_side(fm) / 32 < np.mean(magnification) < 1.7
+    assert intl.monitor_data(fm, 4, 2)[0][0][0].shape == (3, 48, 48)
+    for argv, side in [(["--data", "fashion-mnist", "--small-images"], 32), (["--data", "cifar10"], 32),
+                       (["--data", "DIR"], 224)]:
+        assert intl.eval_side(intl.parse_args(argv)) == side
 
 
 def test_linear_probe_on_separable_features_and_its_exponential_lr():
