@@ -283,17 +283,15 @@ def views_transform(recipe):
 
 
 def eval_side(args):
-    """The evaluation view's side: 224, 32 for 32-px data, 48 for Fashion-MNIST via the ImageNet stem."""
-    # that stem (Fashion-MNIST's default) trains on 32-px crops that show an object 1.4x (median) to
-    # 1.6x (mean) larger than the whole image does, and at 32 px leaves its last block one pixel
-    if args.data == "fashion-mnist" and not args.small_images:
+    """The evaluation view's side: 224, 32 for 32-px data, 48 for Fashion-MNIST via the ImageNet stem,
+    whose 32-px crops show an object 1.4x (median) to 1.6x (mean) larger than the whole image does."""
+    if args.data == "fashion-mnist" and not args.small_images:   # (and at 32 px its last block is 1 px)
         return 48
     return 32 if args.small_images or args.data in utils.SMALL_DATA else 224
 
 
 def eval_transform(side=224, mean=MEAN, std=STD):
-    """Centre view for evaluation: Resize(256) (torchvision's default, bilinear) + CenterCrop(224);
-    a 32-px image as is, or resized (bicubic) to `side`."""
+    """Centre view: Resize(256) (torchvision's default, bilinear) + CenterCrop(224); 32 px as is; else bicubic."""
     resize = ([T.Resize(256), T.CenterCrop(224)] if side == 224 else [] if side == 32 else
               [T.Resize(side, interpolation=T.InterpolationMode.BICUBIC)])
     return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
