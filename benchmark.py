@@ -1,16 +1,6 @@
-"""Speed figures for intl.py:  python benchmark.py step|aug|check [--bench-steps N] [intl.py's flags]
-
-step  training steps as intl.py runs them (bf16, channels_last, fused SGD, --compile) on
-      synthetic crops already on the device, or with --data DIR through the real pipeline
-      (PIL workers, or --gpu-aug). Under torchrun it times the DDP step.
-aug   the crop recipe on ONE CPU core: the PIL path and the CPU side of --gpu-aug (decode
-      and pad only), in images per second per core; gpu_aug on the device; and a grid of
-      both paths side by side, OUTPUT_DIR/aug_grid.png.
+"""Speed figures for intl.py: python benchmark.py step|aug|check [its flags] [intl.py's flags].
 
 Figures are medians of 5 repeats; the last line printed is one JSON object.
-
-check the GPU check: both benchmarks over the standard settings, each in its own process,
-      within --seconds (default 330), the other flags added to each; one table.
 """
 import argparse
 import json
@@ -57,8 +47,14 @@ def device_name(device):
 
 
 # ----------------------------------------------------------------------------- step
+def uses_cuda_graphs(mode):
+    """Whether torch.compile's `mode` captures CUDA graphs (reduce-overhead, max-autotune)."""
+    import torch._inductor
+    return bool(mode) and torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False)
+
+
 def cudagraph_skips():
-    """How often torch.compile fell back from CUDA graphs (mode reduce-overhead)."""
+    """How often torch.compile fell back from CUDA graphs to running the graph as it is."""
     import torch._dynamo.utils
     return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
 
@@ -73,7 +69,7 @@ def head_ms(args, per_rank, n_views, beta, amp, device, runs=10):
     online = zs[1:] if args.method == "intl-m" else zs
 
     def run():
-        loss = intl.intl_loss([intl.gather(z) for z in online], None if target is None else intl.gather(target),
+        loss = intl.intl_loss([utils.gather(z) for z in online], None if target is None else utils.gather(target),
                               beta, args.whiten, intl.whitening(args))[0]
         loss.backward()
     run()
@@ -82,16 +78,12 @@ def head_ms(args, per_rank, n_views, beta, amp, device, runs=10):
 
 def bench_step(args):
     rank, world, device = utils.setup_distributed(args.batch_size)
-    recipe, amp = intl.crop_recipe(args), intl.autocast_dtype(args.amp, device, args.data)
-    beta = intl.trace_loss_weight(intl.whitened_count(args))
-    online, model, target = intl.build_model(args, device, world)
-    optimizer, scaler = intl.build_optimizer(online, args, device)
-    for g in optimizer.param_groups:
+    recipe, state = args.recipe, intl.build_state(args, device, world)
+    for g in state.optimizer.param_groups:
         g["lr"] = 1e-4       # a small constant lr: the weights stay sane however long it runs
     per_rank = args.batch_size // world
     if args.data:
-        aug = torch.Generator(device).manual_seed(rank) if args.gpu_aug else None
-        loader = intl.train_loader(args, recipe, rank, world, device)
+        loader = intl.train_loader(args, rank, world, device)
         batches = iter(())
 
         def next_batch():
@@ -105,7 +97,7 @@ def bench_step(args):
         gen = torch.Generator(device).manual_seed(0)
         fixed = intl.to_views([torch.randn(per_rank, 3, c.size, c.size, device=device, generator=gen)
                                for c in recipe], recipe, None, device)   # then a no-op per step
-        next_batch, aug = (lambda: fixed), None
+        next_batch, state.aug = (lambda: fixed), None
 
     waits = []
 
@@ -115,11 +107,11 @@ def bench_step(args):
             t = time.perf_counter()
             batch = next_batch()             # waiting for the loader only, as in training
             wait += time.perf_counter() - t
-            views = intl.to_views(batch, recipe, aug, device)
-            intl.train_step(model, online, target, optimizer, scaler, views, args.momentum, beta, amp, args)
+            views = intl.to_views(batch, recipe, state.aug, device)
+            intl.train_step(state, views, args.target_momentum, args)
         waits.append(wait)
 
-    model.train()
+    state.model.train()
     t = time.perf_counter()
     steps()                  # warm-up: cuDNN autotuning, torch.compile, CUDA graph capture
     sync(device)
@@ -133,14 +125,15 @@ def bench_step(args):
     step_s = median_time(steps, device) / args.bench_steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
-    head = head_ms(args, per_rank, len(recipe), beta, amp, device)
+    amp = state.amp
+    head = head_ms(args, per_rank, len(recipe), args.beta, amp, device)
     result = {"benchmark": "step", "device": device_name(device), "world": world,
               "method": args.method, "arch": args.arch, "views": [c.size for c in recipe],
               "per_gpu_batch": per_rank, "amp": str(amp).replace("torch.", ""), "compile": args.compile,
               "data": args.data and ("gpu-aug" if args.gpu_aug else "pil"),
               "img_per_s": round(args.batch_size / step_s, 2), "step_ms": round(1000 * step_s, 2),
               "peak_gib": peak and round(peak, 2), "peak_reserved_gib": reserved and round(reserved, 2),
-              "cudagraph_skips": cudagraph_skips() if args.compile == "reduce-overhead" else None,
+              "cudagraph_skips": cudagraph_skips() if uses_cuda_graphs(args.compile) else None,
               "head_ms": round(head, 3),
               "head_share": round(head / (1000 * step_s), 4),
               "data_wait_share": round(statistics.median(waits) / (args.bench_steps * step_s), 4),
@@ -204,7 +197,7 @@ def aug_grid(path, recipe, out, n=4, cell=72):
 def bench_aug(args):
     torch.set_num_threads(1)         # images per second per CPU core
     rank, world, device = utils.setup_distributed(args.batch_size)
-    recipe = intl.crop_recipe(args)
+    recipe = args.recipe
     pil_views = intl.views_transform(recipe)
     with tempfile.TemporaryDirectory() as tmp:
         files = image_files(args, args.bench_steps, tmp)
@@ -250,12 +243,12 @@ def bench_aug(args):
 # ----------------------------------------------------------------------------- the GPU check
 CHECK = [   # (work, mode, intl.py flags), most important first: what does not fit the time is skipped
     ("INTL-M multi-crop, 256/GPU", "eager", "--method intl-m --multi-crop --batch-size 256"),
-    ("INTL 2 views, 256/GPU", "eager", "--batch-size 256"),
-    ("INTL 2 views, 256/GPU", "compile", "--batch-size 256 --compile"),
+    ("INTL 2 views, 256/GPU", "eager", "--method intl --no-multi-crop --batch-size 256"),
+    ("INTL 2 views, 256/GPU", "compile", "--method intl --no-multi-crop --batch-size 256 --compile"),
     ("INTL-M multi-crop, 32/GPU", "eager", "--method intl-m --multi-crop --batch-size 32"),
-    ("INTL 2 views, 32/GPU", "CUDA graphs", "--batch-size 32 --compile reduce-overhead"),
+    ("INTL 2 views, 32/GPU", "CUDA graphs", "--method intl --no-multi-crop --batch-size 32 --compile reduce-overhead"),
     ("augmentation, multi-crop", "aug", "--multi-crop --batch-size 256 --bench-steps 32"),
-    ("INTL 2 views, 32/GPU", "eager", "--batch-size 32"),
+    ("INTL 2 views, 32/GPU", "eager", "--method intl --no-multi-crop --batch-size 32"),
     ("INTL-M multi-crop, 256/GPU", "compile", "--method intl-m --multi-crop --batch-size 256 --compile"),
     ("INTL-M multi-crop, 32/GPU", "CUDA graphs", "--method intl-m --multi-crop --batch-size 32 --compile reduce-overhead"),
 ]
@@ -300,17 +293,52 @@ def check(budget_s, extra):
     return rows
 
 
+MODES = {
+    "step": "Training steps as intl.py runs them (bf16, channels_last, fused SGD, --compile) on "
+            "synthetic crops already on the device, or with --data DIR through the real pipeline "
+            "(PIL workers, or --gpu-aug). Under torchrun it times the DDP step.",
+    "aug": "The crop recipe on ONE CPU core: the PIL path and the CPU side of --gpu-aug (decode "
+           "and pad only), in images per second per core; gpu_aug on the device; and a grid of "
+           "both paths side by side, OUTPUT_DIR/aug_grid.png.",
+    "check": "The GPU check: both benchmarks over the standard settings, each in its own "
+             "process, within --seconds, the other flags added to each; one table.",
+}
+
+
+def parser():
+    """benchmark.py's own flags, a set per mode; --help lists the modes and each one's flags."""
+    def one_line(msg):                       # one line, not the whole usage
+        utils.fail(f"{msg} (see python benchmark.py --help)")
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = p.add_subparsers(dest="mode", required=True, metavar="{step,aug,check}",
+                             help="what to time; each mode and its flags below")
+    for name, what in MODES.items():
+        # no abbreviations: a prefix of one of its flags may be meant for intl.py
+        m = modes.add_parser(name, description=what, allow_abbrev=False, epilog=(
+            "Any other flag is given to each run (intl.py's, --bench-steps)." if name == "check"
+            else "Any other flag is intl.py's (python intl.py --help)."))
+        if name == "check":
+            m.add_argument("--seconds", type=float, default=330.0, metavar="S",
+                           help="the time budget of the whole check (default: %(default)g)")
+        else:
+            timed = "images" if name == "aug" else "training steps"
+            m.add_argument("--bench-steps", type=int, default=20, metavar="N",
+                           help=f"{timed} timed per repeat (default: %(default)s)")
+        m.error = one_line
+    p.error = one_line
+    p.epilog = "\n".join(m.format_help() for m in modes.choices.values())   # each mode's flags
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    p.add_argument("mode", choices=["step", "aug", "check"])
-    p.add_argument("--bench-steps", type=int, default=20, help="timed steps (aug: images) per repeat")
-    p.add_argument("--seconds", type=float, default=330.0, help="check: the time budget")
-    p.error = lambda msg: utils.fail(f"{msg} (usage: python benchmark.py step|aug|check [intl.py flags])")
-    own, rest = p.parse_known_args(argv)
+    own, rest = parser().parse_known_args(argv)
+    if own.mode == "check":
+        if own.seconds <= 0:
+            utils.fail("--seconds must be positive")
+        return check(own.seconds, rest)
     if own.bench_steps < 1:
         utils.fail("--bench-steps must be positive")
-    if own.mode == "check":
-        return check(own.seconds, rest)
     args = intl.parse_args(rest, need_data=False)
     args.bench_steps = own.bench_steps
     return bench_step(args) if own.mode == "step" else bench_aug(args)

@@ -1,25 +1,38 @@
 """Figures of the spectrum, from the maths or from intl.py runs (matplotlib is needed here only).
 
   python figures.py maths --out docs/spectral_maps.png
+  python figures.py run RUN_DIR... --out run.png
   python figures.py spectrum RUN_DIR --out docs/spectrum.png
   python figures.py ablation RUN_DIR... --out docs/ablation.png
   python figures.py monitor RUN_DIR --out docs/monitor.png
   python figures.py robustness runs/robust/b*-d*-t* --out docs/robustness.png
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
 import re
 
-import matplotlib
-matplotlib.use("Agg")            # files only, no display
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 import intl
 import utils
+
+
+NO_MATPLOTLIB = "figures.py draws with matplotlib, which is not installed: pip install matplotlib"
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (imported only here, so that --help needs no matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        utils.fail(NO_MATPLOTLIB)
+    matplotlib.use("Agg")            # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def read_jsonl(run, name):
@@ -40,6 +53,7 @@ def iternorm_map(lam, iters):
 
 
 def maths(args):
+    plt = pyplot()
     lam = np.logspace(-4, 0, 200)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for t in range(1, 9):
@@ -57,6 +71,7 @@ def maths(args):
 
 
 def spectrum(args):
+    plt = pyplot()
     recs = read_jsonl(args.runs[0], "spectrum.jsonl")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
     for i, r in enumerate(recs):
@@ -71,28 +86,66 @@ def spectrum(args):
     return fig
 
 
+def epoch_records(recs):
+    """The epoch-end records of a log.jsonl; "transformed" read from "iternorm" in runs before the rename."""
+    return [{**x, "transformed": x.get("transformed", x.get("iternorm"))} for x in recs if "projector" in x]
+
+
+def curve(ax, recs, x, key, **style):
+    """rec[key] (its effective rank where it is a cond/erank record) against rec[x], over the
+    records that hold key; nothing when none does."""
+    pts = [(r[x], r[key]["erank"] if isinstance(r[key], dict) else r[key]) for r in recs if key in r]
+    if pts:
+        ax.plot(*zip(*pts), **style)
+
+
 def ablation(args):
-    runs = {os.path.basename(os.path.normpath(r)): [x for x in read_jsonl(r, "log.jsonl") if "projector" in x]
-            for r in args.runs}
-    panels = [("projector", "effective rank, projector output"), ("iternorm", "effective rank, after the transform")]
+    plt = pyplot()
+    runs = {os.path.basename(os.path.normpath(r)): epoch_records(read_jsonl(r, "log.jsonl")) for r in args.runs}
+    panels = [("projector", "effective rank, projector output"), ("transformed", "effective rank, after the transform")]
     panels += [(key, title) for key, title in [("knn5_top1", "5-NN top-1 (%)"), ("linear_top1", "linear probe top-1 (%)")]
                if any(key in x for recs in runs.values() for x in recs)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         for name, recs in runs.items():
-            pts = [(x["epoch"], x[key]["erank"] if isinstance(x[key], dict) else x[key]) for x in recs if key in x]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+            curve(ax, recs, "epoch", key, marker="o", label=name)
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
     return fig
 
 
+def run_curves(args):
+    """Each run's loss and its parts per step; per epoch, the effective rank of the projector
+    output and of the transformed output, and the monitor's top-1 where it ran (one colour a run)."""
+    plt = pyplot()
+    runs = {r: read_jsonl(r, "log.jsonl") for r in args.runs}
+    monitored = any("knn5_top1" in x for recs in runs.values() for x in recs)
+    fig, axes = plt.subplots(1, 3 if monitored else 2, figsize=(13 if monitored else 9, 3.6))
+    for i, (r, recs) in enumerate(runs.items()):
+        name, steps, ends = os.path.basename(os.path.normpath(r)), [x for x in recs if "loss" in x], epoch_records(recs)
+        for key, style, what in [("loss", "-", "loss"), ("nmse", "--", "nmse"), ("trace_loss", ":", "trace loss")]:
+            curve(axes[0], steps, "step", key, ls=style, color=f"C{i}", label=f"{name}: {what}")
+        for key, style in [("projector", "-"), ("transformed", "--")]:
+            curve(axes[1], ends, "epoch", key, ls=style, marker="o", color=f"C{i}", label=f"{name}: {key} output")
+        if monitored:
+            for key, style, what in [("knn5_top1", "-", "5-NN"), ("linear_top1", "--", "linear probe")]:
+                curve(axes[2], ends, "epoch", key, ls=style, marker="o", color=f"C{i}", label=f"{name}: {what}")
+    axes[0].set(title="loss, nmse and trace loss per step", xlabel="step", yscale="log")
+    axes[1].set(title="effective rank (last batch of the epoch)", xlabel="epoch")
+    if monitored:
+        axes[2].set(title="monitor top-1 (%): 5-NN, linear probe", xlabel="epoch")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    for ax in axes[1:]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
 def monitor(args):
     """One run's online monitor per epoch (5-NN and linear probe), beside the same two probes on
     the same labelled images for the raw pixels (as they are, 32 px) and the network at random init."""
-    run, cpu = args.runs[0], torch.device("cpu")
+    plt, run, cpu = pyplot(), args.runs[0], torch.device("cpu")
     recs = [r for r in read_jsonl(run, "log.jsonl") if "linear_top1" in r]
     if not recs:
         utils.fail(f"{run}/log.jsonl has no monitor records: train with --monitor-every 1")
@@ -119,6 +172,7 @@ def robustness(args):
     """Runs named b<batch>-d<embedding dim>-t<T>: the final linear-probe top-1 and effective rank
     over batch × embedding dim (T = 4), and over T; a run with a non-finite loss, or that stopped
     before its epoch ended, counts as diverged."""
+    plt = pyplot()
     cells = {}
     for run in args.runs:
         m = re.fullmatch(r"b(\d+)-d(\d+)-t(\d+)", os.path.basename(os.path.normpath(run)))
@@ -160,20 +214,22 @@ def robustness(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("figure", choices=["maths", "spectrum", "ablation", "monitor", "robustness"])
+    figures = {"maths": maths, "run": run_curves, "spectrum": spectrum, "ablation": ablation, "monitor": monitor,
+               "robustness": robustness}
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=None if importlib.util.find_spec("matplotlib") else NO_MATPLOTLIB)
+    p.add_argument("figure", choices=figures)
     p.add_argument("runs", nargs="*", help="--output-dir of intl.py runs (spectrum, monitor: one; others: several)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.error = lambda msg: utils.fail(f"{msg} (see --help)")
     args = p.parse_args(argv)
     if args.figure != "maths" and not args.runs:
         utils.fail(f"{args.figure} needs at least one run folder")
-    fig = {"maths": maths, "spectrum": spectrum, "ablation": ablation, "monitor": monitor,
-           "robustness": robustness}[args.figure](args)
+    fig = figures[args.figure](args)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=90)
-    plt.close(fig)
+    pyplot().close(fig)
     print(f"wrote {args.out} ({os.path.getsize(args.out) // 1024} KB)")
 
 

@@ -73,7 +73,7 @@ def sample_params(n, heights, widths, crop, generator=None, device="cpu"):
         flip=u(0, 1) < 0.5)
 
 
-# ---------------------------------------------------------------- crop and blur: matrices
+# ---------------------------------------------------------------- crop: matrices; blur: taps
 def cubic(x, a=-0.5):
     """Keys' cubic kernel; a = -0.5 in torch's (and PIL's) antialiased bicubic."""
     x = x.abs()
@@ -105,21 +105,6 @@ def pillow_box_radius(sigma, passes=3):
     return l + (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
 
 
-def box_taps(sigma, n, max_sigma=2.0):
-    """(weights, input index) [N, n, taps]: one of Pillow's extended box passes of
-    GaussianBlur(sigma <= max_sigma) along an axis, as Pillow's 24-bit fixed-point integer
-    weights in float64 (every sum of a pass exact); pixels past an edge: the edge pixel."""
-    h = int(pillow_box_radius(max_sigma)) + 1            # a pass reaches x - h .. x + h
-    radius = pillow_box_radius(sigma.float())[:, None, None]   # float32, as Pillow computes it
-    r = radius.floor().double()
-    inner = (2**24 / (2 * radius + 1)).floor().double()  # float32 division, as Pillow's
-    outer = ((2**24 - (2 * r + 1) * inner) / 2).floor()  # the ends of the box: what is left
-    k = torch.arange(-h, h + 1, device=sigma.device)
-    w = torch.where(k.abs() <= r, inner, torch.where(k.abs() == r + 1, outer, 0))
-    x = torch.arange(n, device=sigma.device)[:, None]
-    return w.expand(-1, n, -1), (x + k).clamp(0, n - 1)  # dense() adds the repeated edge taps
-
-
 def dense(w, j, n):
     """The [N, 1, rows, n] matrices whose rows have weights w at input indices j [N, rows, taps];
     repeated indices add."""
@@ -128,7 +113,8 @@ def dense(w, j, n):
 
 def separable(x, rows, cols):
     """rows @ x @ cols^T per sample and channel, each matrix given by the taps of its rows:
-    a separable filter as two batched matmuls (dense matrices: plain matmuls, fast on GPUs)."""
+    a separable filter as two batched float32 matmuls, zeros and all (GPUs run them at full
+    rate; gathering each output's few taps instead moves far more memory per multiply)."""
     return dense(*rows, x.shape[-2]) @ x @ dense(*cols, x.shape[-1]).transpose(-1, -2)
 
 
@@ -141,18 +127,42 @@ def resized_crop(images, boxes, size):
     return separable(images.float(), (rw, rj), resize_taps(left, w, size, images.shape[-1]))
 
 
+def box_weights(sigma, max_sigma=2.0):
+    """Pillow's 24-bit fixed-point weights of one extended box pass of GaussianBlur(sigma),
+    sigma <= max_sigma, at offsets 0, 1, .., h (the same at -k): int32 [N, 1, 1, 1] each."""
+    h = int(pillow_box_radius(max_sigma)) + 1             # a pass reaches x - h .. x + h
+    radius = pillow_box_radius(sigma.float()).view(-1, 1, 1, 1)   # float32, as Pillow's
+    r = radius.int()
+    inner = (2**24 / (2 * radius + 1)).int()              # float32 division, as Pillow's
+    outer = (2**24 - (2 * r + 1) * inner) // 2            # the ends of the box: what is left
+    return [torch.where(k <= r, inner, torch.where(k == r + 1, outer, 0)) for k in range(h + 1)]
+
+
+def box_pass(c, weights, dim):
+    """One of Pillow's box passes along `dim` of levels c - 128 (in place), rounded as Pillow
+    rounds, (bulk + 2^23) >> 24; pixels past an edge: the edge pixel."""
+    n, h = c.shape[dim], len(weights) - 1
+    edges = [c.narrow(dim, 0, 1)] * h, [c.narrow(dim, n - 1, 1)] * h
+    padded = torch.cat([*edges[0], c, *edges[1]], dim)   # the levels; c's buffer: the bulk
+    at = lambda k: padded.narrow(dim, h + k, n)           # noqa: E731  (a view: no copy)
+    # Pillow's uint32 bulk + 2^23 of the levels, less 128 x 2^24: it fits in an int32, and
+    # >> 24 gives the rounded level less 128 (sum(w c) = sum(w levels) - 128 sum(w))
+    total = weights[0] + 2 * sum(weights[1:])
+    c.mul_(weights[0]).add_(2**23 - 128 * (2**24 - total))
+    for k in range(1, h + 1):                 # in place, no temporaries: batches are big
+        c.addcmul_(at(k), weights[k]).addcmul_(at(-k), weights[k])
+    return c.bitwise_right_shift_(24)                     # arithmetic shift: floor
+
+
 def gaussian_blur(x, sigma, max_sigma=2.0):
     """Pillow's ImageFilter.GaussianBlur(sigma) of x in [0, 1] taken to uint8 levels, one
-    sigma <= max_sigma per sample: Pillow's box passes along W, then along H, each rounded to
-    uint8 as Pillow rounds it (exact integer sums in float64), so equal to Pillow's to the bit."""
-    x = (x * 255).round().double()
-    cols = dense(*box_taps(sigma, x.shape[-1], max_sigma), x.shape[-1]).transpose(-1, -2)
-    rows = dense(*box_taps(sigma, x.shape[-2], max_sigma), x.shape[-2])
-    for _ in range(3):                        # Pillow's (bulk + 2^23) >> 24 after every pass
-        x = ((x @ cols + 2**23) / 2**24).floor()
-    for _ in range(3):
-        x = ((rows @ x + 2**23) / 2**24).floor()
-    return x.float() / 255
+    sigma <= max_sigma per sample: Pillow's box passes along W, then along H, in int32 as
+    Pillow's integer sums, each rounded to uint8 as Pillow rounds it, so equal to the bit."""
+    c = x.mul(255).round_().int().sub_(128)               # levels centred, see box_pass
+    weights = box_weights(sigma, max_sigma)
+    for dim in (-1, -1, -1, -2, -2, -2):
+        c = box_pass(c, weights, dim)
+    return c.add_(128).float().div_(255)
 
 
 # ----------------------------------------------------------------------------- colour ops

@@ -1,35 +1,24 @@
 """INTL: IterNorm with trace loss -- "Modulate Your Spectrum in Self-Supervised Learning"
 (Weng et al., ICLR 2024, arXiv 2305.16789), the whole pretraining method in one file.
 
-    python intl.py                                    # quick start: Fashion-MNIST on this machine
-    torchrun --nproc_per_node=8 intl.py --data /imagenet --method intl-m --multi-crop
+    python intl.py                                          # quick start: Fashion-MNIST, a CPU
+    torchrun --nproc_per_node=8 intl.py --data /imagenet    # the paper's 100-epoch ImageNet row
 
-Read top to bottom beside the paper: IterNorm (and the Spectral Transformation it instantiates)
--> trace loss -> INTL objective (and INTL-M) -> networks -> augmentation -> data -> training
-loop -> main. The plumbing apart from the method is in utils.py: the data files, checkpoints and
-their resume, what a long run survives (unreadable files, preemption, a non-finite loss, a full
-disk) and the online monitor's k-NN and linear probe.
-
-Where the paper leaves a detail open, the code does what the authors' implementation does, so
-that losses and checkpoints compare with theirs: IterNorm centres each whitened variable over its
-observations and divides the covariance by (observations - 1), with no epsilon; the trace loss
-uses the unbiased variance; beta = 0.01 (log2 k - 3); the learning rate is counted from step 1;
-the momentum schedule, the crop scales of multi-crop, Pillow's Gaussian blur and the CIFAR
-defaults (every parameter decayed, fp32) are theirs. Speed lives beside the method: --gpu-aug
-draws the crops on the GPU (gpu_aug.py); benchmark.py times it.
+Read top to bottom beside the paper: IterNorm, the Spectral Transformation, trace loss, the INTL
+objective, INTL-M's momentum target, networks, augmentation, data, optimisation, the spectrum and
+the online monitor, the training loop, settings. Plumbing is in utils.py. Where the paper leaves
+a detail open, the code does what the authors' implementation does (divisors, no epsilon, β, the
+schedules, multi-crop scales, Pillow's blur, the CIFAR defaults), so results compare with theirs.
 """
 import argparse
 import copy
 import json
 import math
 import os
-import random
 import sys
-import time
 from functools import partial
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -42,7 +31,7 @@ import utils
 from utils import fail
 
 
-# ----------------------------------------------------------------------------- IterNorm
+# ------------------------------------------------------------ IterNorm
 def whitened_variables(z, whiten):
     """The matrix whose ROWS are whitened: Z centred over its d features (channel whitening,
     the m samples are the variables) or Z^T centred over its m samples (batch whitening)."""
@@ -61,10 +50,8 @@ def newton_iterations(sigma_n, iters):
 
 def iter_norm(z, iters=4, whiten="channel"):
     """Ŷ = P_T(Σ/trΣ) Zc / sqrt(trΣ), in float32 (or float64) even under autocast.
-
-    x (k variables × n observations) is whitened by the k × k covariance Σ = x x^T/(n-1).
-    P_T is a polynomial in Σ, so p(x x^T) x = x p(x^T x): when k > n the n × n Gram matrix
-    gives the same output at O(n²k) instead of O(k³)."""
+    x (k variables × n observations) has the covariance Σ = x x^T/(n-1); P_T is a polynomial, so
+    p(x x^T) x = x p(x^T x): for k > n the n × n Gram matrix gives Ŷ at O(n²k), not O(k³)."""
     with torch.autocast(z.device.type, enabled=False):
         x = whitened_variables(z.to(torch.promote_types(z.dtype, torch.float32)), whiten)
         k, n = x.shape
@@ -77,10 +64,8 @@ def iter_norm(z, iters=4, whiten="channel"):
 
 
 def spectral_transform(z, power=0.5, whiten="channel", eps=1e-12):
-    """Spectral Transformation Ŷ = U Λ^-p U^T Zc / sqrt(trΣ), Σ/trΣ = U Λ U^T, in float64.
-
-    λ is clamped at eps before the power: a (near-)zero eigenvalue is treated as eps, which keeps
-    the output finite (its direction has no variance to amplify) and caps λ^-p at eps^-p."""
+    """Spectral Transformation Ŷ = U Λ^-p U^T Zc / sqrt(trΣ), Σ/trΣ = U Λ U^T, in float64;
+    λ clamped at eps, so that a null direction (nothing to amplify) stays finite."""
     with torch.autocast(z.device.type, enabled=False):
         x = whitened_variables(z.double(), whiten)
         cov = x @ x.T / (x.shape[1] - 1)
@@ -90,7 +75,7 @@ def spectral_transform(z, power=0.5, whiten="channel", eps=1e-12):
         return (y if whiten == "channel" else y.T).to(torch.promote_types(z.dtype, torch.float32))
 
 
-# ----------------------------------------------------------------------------- trace loss
+# ------------------------------------------------------------ trace loss
 def trace_loss(y, whiten="channel"):
     """TL(Ŷ) = Σ_j (v_j - 1)², v_j the unbiased variance of whitened variable j."""
     v = y.var(dim=1 if whiten == "channel" else 0)
@@ -102,7 +87,7 @@ def trace_loss_weight(k):
     return 0.01 * (math.log2(k) - 3)
 
 
-# ----------------------------------------------------------------------------- INTL objective
+# ------------------------------------------------------------ INTL objective
 def nmse(a, b):
     """2 - 2 mean_i cos(a_i, b_i)."""
     return 2 - 2 * F.cosine_similarity(a, b, dim=1).mean()
@@ -110,10 +95,8 @@ def nmse(a, b):
 
 def intl_loss(zs, z_target=None, beta=0.05, whiten="channel", transform=iter_norm):
     """INTL: 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_0) + β (TL(Ŷ_i) + TL(Ŷ_0))], Ŷ_v = transform(Z_v);
-    INTL-M (z_target given): 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_target) + β TL(Ŷ_i)], no gradient to the target.
-
-    zs: the embeddings [m, d] of each view. Returns the loss and its parts (detached): the
-    mean nmse and the mean (unweighted) trace loss."""
+    INTL-M (z_target given): 1/(V-1) Σ_i [nmse(Ŷ_i, Ŷ_target) + β TL(Ŷ_i)], no gradient to it.
+    zs: each view's embeddings [m, d]. Returns the loss, its mean nmse and mean trace loss."""
     ys = [transform(z, whiten=whiten) for z in zs]
     if z_target is None:
         y0, ys = ys[0], ys[1:]
@@ -128,6 +111,7 @@ def intl_loss(zs, z_target=None, beta=0.05, whiten="channel", transform=iter_nor
     return distance + beta * tl, distance.detach(), tl.detach()
 
 
+# ------------------------------------------------------------ INTL-M: the momentum target
 def momentum_at(step, total_steps, m0):
     """m = 1 - (1 - m0)(cos(π t / t_total) + 1)/2: m0 at the start, 1 at the end."""
     return 1 - (1 - m0) * (math.cos(math.pi * step / total_steps) + 1) / 2
@@ -136,56 +120,12 @@ def momentum_at(step, total_steps, m0):
 @torch.no_grad()
 def update_momentum(target, online, m):
     """θ_target <- m θ_target + (1 - m) θ_online, parameters only."""
-    t, o = list(target.parameters()), list(online.parameters())
-    torch._foreach_mul_(t, m)
-    torch._foreach_add_(t, o, alpha=1 - m)
+    theta = list(target.parameters())
+    torch._foreach_mul_(theta, m)
+    torch._foreach_add_(theta, list(online.parameters()), alpha=1 - m)
 
 
-class GatherWithGrad(torch.autograd.Function):
-    """All-gather along the batch. Backward sums the gradients of every rank and keeps this
-    rank's slice, so that DDP's gradient average equals the single-process gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather(z):
-    """The global batch: every rank whitens the same m × d matrix."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return GatherWithGrad.apply(z)
-    return z
-
-
-def spectrum(z, whiten="channel", with_eigenvalues=False):
-    """Condition number λmax/λmin (capped at 1e12: singular) and effective rank
-    exp(entropy(λ/Σλ)) of the covariance of the whitened variables -- the paper's
-    view of collapse -- and, if asked, its eigenvalues λ, largest first."""
-    x = whitened_variables(z.detach().double().cpu(), whiten)
-    k, n = x.shape
-    cov = (x @ x.T if k <= n else x.T @ x) / (n - 1)
-    if not torch.isfinite(cov).all():      # the batch of a skipped step (loss not finite)
-        return {"cond": math.nan, "erank": math.nan}
-    lam = torch.linalg.eigvalsh(cov).clamp_min(0)
-    lam = torch.cat([lam, lam.new_zeros(k - len(lam))])   # the Gram misses k - n zeros
-    p = lam / lam.sum()
-    erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
-    cond = (lam.max() / lam.min().clamp_min(lam.max() * 1e-12)).item()
-    out = {"cond": cond, "erank": erank}
-    if with_eigenvalues:
-        out["eigenvalues"] = [float(f"{v:.5g}") for v in lam.flip(0).tolist()]
-    return out
-
-
-# ----------------------------------------------------------------------------- networks
+# ------------------------------------------------------------ networks
 RESNETS = [n for n in torchvision.models.list_models(module=torchvision.models)
            if n.startswith(("resnet", "wide_resnet", "resnext"))]
 
@@ -226,7 +166,7 @@ class Encoder(nn.Module):
         return [self.projector(self.backbone(v)) for v in views]
 
 
-# ----------------------------------------------------------------------------- augmentation
+# ------------------------------------------------------------ augmentation
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)          # ImageNet's
 CIFAR_NORM = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
@@ -246,10 +186,13 @@ class Crop(NamedTuple):
     std: tuple = STD
 
 
-TWO_VIEWS = [Crop(224, (0.08, 1.0), 1.0, 0.0), Crop(224, (0.08, 1.0), 0.1, 0.2)]
-MULTI_CROP = [Crop(224, (0.2, 1.0), 0.5, 0.1), Crop(224, (0.2, 1.0), 0.5, 0.1)] + [
-    Crop(s, (round(0.2 * s / 224, 3), round(s / 224, 3)), 0.5, 0.1) for s in (192, 160, 128, 96)]
-SMALL_IMAGES = [Crop(32, (0.08, 1.0), 0.0, 0.0), Crop(32, (0.08, 1.0), 0.0, 0.2)]
+TWO_VIEWS = [Crop(224, scale=(0.08, 1.0), p_blur=1.0, p_solarize=0.0),
+             Crop(224, scale=(0.08, 1.0), p_blur=0.1, p_solarize=0.2)]
+# 2 × 224 px, then 192, 160, 128 and 96 px with the scale range (0.2, 1.0) × size / 224
+MULTI_CROP = [Crop(size, scale=(round(0.2 * size / 224, 3), round(size / 224, 3)), p_blur=0.5,
+                   p_solarize=0.1) for size in (224, 224, 192, 160, 128, 96)]
+TWO_VIEWS_32PX = [Crop(32, scale=(0.08, 1.0), p_blur=0.0, p_solarize=0.0),
+                  Crop(32, scale=(0.08, 1.0), p_blur=0.0, p_solarize=0.2)]
 
 
 def gaussian_blur(img, sigma=(0.1, 2.0)):
@@ -261,8 +204,9 @@ def gaussian_blur(img, sigma=(0.1, 2.0)):
 
 def crop_transform(crop):
     """One crop of the recipe on a PIL image, in torchvision's order; the blur is Pillow's."""
+    bicubic = T.InterpolationMode.BICUBIC
     return T.Compose([
-        T.RandomResizedCrop(crop.size, scale=crop.scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(crop.size, scale=crop.scale, interpolation=bicubic),
         T.RandomApply([T.ColorJitter(*crop.jitter)], p=crop.p_jitter),
         T.RandomGrayscale(p=crop.p_gray),
         T.RandomApply([partial(gaussian_blur, sigma=crop.sigma)], p=crop.p_blur),
@@ -282,62 +226,40 @@ def views_transform(recipe):
     return partial(apply_each, [crop_transform(c) for c in recipe])
 
 
-def eval_side(args):
-    """The evaluation view's side: 224, 32 for 32-px data, 48 for Fashion-MNIST via the ImageNet stem,
-    whose 32-px crops show an object 1.4x (median) to 1.6x (mean) larger than the whole image does."""
-    if args.data == "fashion-mnist" and not args.small_images:   # (and at 32 px its last block is 1 px)
-        return 48
-    return 32 if args.small_images or args.data in utils.SMALL_DATA else 224
-
-
-def eval_transform(side=224, mean=MEAN, std=STD):
-    """Centre view: Resize(256) (torchvision's default, bilinear) + CenterCrop(224); 32 px as is; else bicubic."""
-    resize = ([T.Resize(256), T.CenterCrop(224)] if side == 224 else [] if side == 32 else
-              [T.Resize(side, interpolation=T.InterpolationMode.BICUBIC)])
-    return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
-
-
-# ----------------------------------------------------------------------------- data
-def train_loader(args, recipe, rank, world, device):
-    """Each rank reads its share of a global batch; the sampler reshuffles every epoch.
-    With --gpu-aug the workers only decode (capped in size) and pad."""
+# ------------------------------------------------------------ data
+def train_loader(args, rank, world, device):
+    """The training images, each as its views (with --gpu-aug: decoded, capped in size and
+    padded only), each rank reading its share of a global batch (utils.train_loader)."""
+    collate = utils.collate
     if args.gpu_aug:
         import gpu_aug
         dataset = utils.labelled_images(args.data, True, T.PILToTensor(), gpu_aug.load_capped)
+        collate = partial(utils.collate, inner=gpu_aug.pad_collate)
     else:
-        dataset = utils.labelled_images(args.data, True, views_transform(recipe))
+        dataset = utils.labelled_images(args.data, True, views_transform(args.recipe))
     dataset = utils.random_subset(dataset, args.subset)
-    # drop_last: N // batch steps per epoch on any number of processes (no padding repeats); an
-    # epoch can start part-way (a mid-epoch checkpoint); batches end with their unreadable files
-    sampler = utils.ResumableSampler(dataset, world, rank, seed=args.seed, drop_last=True)
-    per_rank = args.batch_size // world
-    if len(sampler) < per_rank:
-        fail(f"{len(dataset)} images are fewer than one batch of {args.batch_size}")
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
-        collate_fn=partial(utils.collate, inner=gpu_aug.pad_collate) if args.gpu_aug else utils.collate,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.workers > 0,
-        worker_init_fn=utils.ignore_stop_signals,   # workers' seeds: drawn from the rank's stream
-        generator=torch.Generator().manual_seed(int(torch.randint(2**62, ()))))
+    return utils.train_loader(dataset, args.batch_size, rank, world, args.seed, args.workers,
+                              device, collate)
 
 
-def monitor_data(args, n_bank=10000, n_queries=2000):
-    """The online monitor's labelled data, centre views: a fixed random n_bank training images
-    as the bank, n_queries test (val) images as queries; None for a folder without val/."""
-    if args.data not in utils.SMALL_DATA and not os.path.isdir(os.path.join(args.data, "val")):
-        return None
-    tf = eval_transform(eval_side(args), *CIFAR_NORM.get(args.data, (MEAN, STD)))
-    return (utils.random_subset(utils.labelled_images(args.data, True, tf), n_bank),
-            utils.random_subset(utils.labelled_images(args.data, False, tf), n_queries))
+def to_views(batch, recipe, aug, device):
+    """A loader batch -> the views on `device` (augmented there with --gpu-aug)."""
+    if aug is not None:
+        import gpu_aug
+        images, heights, widths = (t.to(device, non_blocking=True) for t in batch)
+        batch = gpu_aug.multi_view(images, recipe, aug, heights, widths)
+    layout = utils.memory_format(device)
+    return [v.to(device, non_blocking=True, memory_format=layout) for v in batch]
 
 
-# ----------------------------------------------------------------------------- training loop
+# ------------------------------------------------------------ optimisation
 def learning_rate(step, total_steps, warmup_steps, lr):
     """lr (t+1)/W for t < W, then a per-step cosine that ends at exactly 0.001 × lr:
     q = ½(1 + cos(π (t - W + 1)/(T - W))), lr q + 0.001 lr (1 - q); t counts from 0."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)))
+    t = (step - warmup_steps + 1) / max(1, total_steps - warmup_steps)
+    q = 0.5 * (1 + math.cos(math.pi * t))
     return lr * q + 0.001 * lr * (1 - q)
 
 
@@ -349,308 +271,329 @@ def param_groups(model, wd, decay_all=False):
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(args, device, world):
-    """The online encoder, the forward wrapper that runs it (DDP, compiled if asked) and the
-    INTL-M momentum target. Seeded alike on every rank, from a forked generator: the per-rank
-    augmentation streams are untouched, whichever is set up first."""
+def build_state(args, device, world):
+    """The online encoder (in DDP, compiled, as asked), INTL-M's target, SGD (momentum 0.9, fused
+    on GPUs), fp16's GradScaler and --gpu-aug's generator. The weights are seeded alike on every
+    rank, from a forked generator: the per-rank augmentation streams are untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         backbone, dim = resnet_backbone(args.arch, args.small_images)
-        online = Encoder(backbone, projector(dim, args.projector)).to(device)
-    if device.type == "cuda":
-        online = online.to(memory_format=torch.channels_last)
-        if world > 1:    # torch's SyncBatchNorm runs on GPUs only
-            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        online = Encoder(backbone, projector(dim, args.projector))
+    online = online.to(device, memory_format=utils.memory_format(device))
+    if world > 1:        # each BN normalises over the global batch, on GPUs and CPUs alike
+        online = utils.convert_sync_batchnorm(online)
     target = copy.deepcopy(online).requires_grad_(False) if args.method == "intl-m" else None
-    forward = online
+    model = online
     if world > 1:
-        forward = nn.parallel.DistributedDataParallel(
-            online, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:     # the crop shapes never change: compiled once (DDP splits it at its buckets)
-        forward = torch.compile(forward, mode=args.compile)
-    return online, forward, target
-
-
-def build_optimizer(online, args, device):
-    """SGD with momentum 0.9 (fused on GPUs) and the GradScaler that fp16 needs."""
-    optimizer = torch.optim.SGD(param_groups(online, args.wd, decay_all=args.data in CIFAR_NORM),
-                                lr=0, momentum=0.9, fused=device.type == "cuda")
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(online, device_ids=ids)
+    if args.compile:     # the crop shapes never change: compiled once (DDP splits at its buckets)
+        model = torch.compile(model, mode=args.compile)
+    groups = param_groups(online, args.wd, decay_all=args.decay_all)
+    optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, fused=device.type == "cuda")
     utils.zero_momentum(optimizer)     # buffers exist before a first step that may be skipped
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    return optimizer, scaler
-
-
-def autocast_dtype(amp, device, data):
-    """--amp as a dtype (None: fp32). auto: bf16 on GPUs that have it, except on CIFAR, where
-    the authors trained in fp32."""
-    if amp == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and data not in CIFAR_NORM
-        return torch.bfloat16 if bf16 else None
-    if amp == "fp16" and device.type == "cpu":
-        fail("--amp fp16 on the CPU is many times slower than float32 (no fast fp16 kernels there): use --amp off")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def train_step(forward, online, target, optimizer, scaler, views, m, beta, amp, args):
-    """One step: EMA target, every view's embedding (gathered over ranks), the INTL objective,
-    backward, SGD; nothing in it waits for the GPU. `forward` is `online` or its DDP / compiled
-    wrapper; `online` owns the weights. Returns the loss, its parts and one view's embedding."""
-    if target is not None:
-        update_momentum(target, online, m)
-    with torch.autocast(views[0].device.type, dtype=amp, enabled=amp is not None):
-        z_target = None
-        if target is not None:       # INTL-M: the target encodes the first view only
-            with torch.no_grad():
-                z_target = gather(target(views[:1])[0])
-            views = views[1:]
-        zs = [gather(z) for z in forward(views)]
-        loss, distance, tl = intl_loss(zs, z_target, beta, args.whiten, whitening(args))
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if scaler.is_enabled():     # fp16: the scaler skips the update when the gradients overflow
-        scaler.step(optimizer)
-        scaler.update()
-    else:                       # a non-finite loss skips the update, decided on the device
-        utils.step_if_finite(optimizer, loss)
-    return loss, distance, tl, zs[-1].detach()
-
-
-def crop_recipe(args):
-    """The crops of each image: CIFAR's and Fashion-MNIST's 32-px pair, or 2 or 6 ImageNet crops."""
-    if args.data in CIFAR_NORM:
-        return [c._replace(mean=CIFAR_NORM[args.data][0], std=CIFAR_NORM[args.data][1])
-                for c in SMALL_IMAGES]
-    if args.small_images or args.data == "fashion-mnist":
-        return SMALL_IMAGES
-    return MULTI_CROP if args.multi_crop else TWO_VIEWS
-
-
-def whitened_count(args):
-    """k, the number of whitened variables: the global batch (channel) or the embedding dim."""
-    return args.batch_size if args.whiten == "channel" else int(args.projector.split("-")[-1])
+    aug = None       # --gpu-aug's generator, seeded from this rank's stream as the loader's
+    if args.gpu_aug:
+        aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
+    amp = utils.autocast_dtype(args.amp, device)
+    return utils.TrainState(model, target, optimizer, scaler, aug, amp, device)
 
 
 def whitening(args):
-    """The transform of each view's embedding: IterNorm with T = --iters Newton iterations, the
-    Spectral Transformation λ^-p (p = --power), or none (the identity: plain nmse, the collapse baseline)."""
+    """Each view's transform: IterNorm (T = --iters), the Spectral Transformation λ^-p (p =
+    --power), or none (the identity: the collapse baseline)."""
     if args.transform == "power":
         return partial(spectral_transform, power=args.power)
-    return partial(iter_norm, iters=args.iters) if args.transform == "iternorm" else lambda z, whiten=None: z
+    if args.transform == "iternorm":
+        return partial(iter_norm, iters=args.iters)
+    return lambda z, whiten=None: z
 
 
-def channels_last(device):
-    """channels_last is faster for convolutions on GPUs, slower on CPUs."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+def train_step(state, views, m, args):
+    """One step: EMA target, every view's embedding (gathered over ranks), the INTL objective,
+    backward, SGD; nothing in it waits for the GPU. A non-finite loss changes no weight, optimizer
+    state or BN statistic. Returns the loss, its parts and the last view's embedding."""
+    online, target = utils.unwrap(state.model), state.target
+    if target is not None:
+        update_momentum(target, online, m)
+    saved = utils.buffers_of(online, target)
+    with torch.autocast(views[0].device.type, dtype=state.amp, enabled=state.amp is not None):
+        z_target = None
+        if target is not None:       # INTL-M: the target encodes the first view only
+            with torch.no_grad():
+                z_target = utils.gather(target(views[:1])[0])
+            views = views[1:]
+        zs = [utils.gather(z) for z in state.model(views)]   # the global batch on every rank
+        loss, distance, tl = intl_loss(zs, z_target, args.beta, args.whiten, whitening(args))
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    utils.restore_if_not_finite(saved, loss)     # (after the backward, which reads them)
+    if state.scaler.is_enabled():   # fp16: the scaler skips the update when gradients overflow
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:                           # a non-finite loss skips the update, decided on the device
+        utils.step_if_finite(state.optimizer, loss)
+    return loss, distance, tl, zs[-1].detach()
 
 
-def to_views(batch, recipe, aug, device):
-    """A loader batch -> the views on `device` (augmented there with --gpu-aug)."""
-    if aug is not None:
-        import gpu_aug
-        images, heights, widths = (t.to(device, non_blocking=True) for t in batch)
-        batch = gpu_aug.multi_view(images, recipe, aug, heights, widths)
-    return [v.to(device, non_blocking=True, memory_format=channels_last(device)) for v in batch]
+# ------------------------------------------------------------ the spectrum and the online monitor
+def spectrum(z, whiten="channel"):
+    """The paper's view of collapse: the eigenvalues of the whitened variables' covariance, their
+    condition number and effective rank (utils.spectrum)."""
+    return utils.spectrum(whitened_variables(z.detach().double().cpu(), whiten))
+
+
+def monitor_data(args, n_bank=10000, n_queries=2000):
+    """The online monitor's bank and queries, in the evaluation view (utils.monitor_pair)."""
+    view = utils.eval_transform(utils.eval_side(args.data, args.small_images),
+                                *CIFAR_NORM.get(args.data, (MEAN, STD)))
+    return utils.monitor_pair(args.data, view, n_bank, n_queries)
+
+
+def epoch_record(embedding, labelled, epoch, args, state):
+    """The spectrum of the epoch's last embedding before and after the transform, and the
+    monitor's top-1 every --monitor-every epochs."""
+    transformed = embedding
+    if torch.isfinite(embedding).all():     # else the batch of a skipped step (loss not finite)
+        transformed = whitening(args)(embedding, whiten=args.whiten)
+    rec = {"epoch": epoch, "projector": spectrum(embedding, args.whiten),
+           "transformed": spectrum(transformed, args.whiten)}
+    if labelled and epoch % args.monitor_every == 0:
+        backbone = utils.unwrap(state.model).backbone
+        rec.update(utils.monitor(backbone, labelled, embedding.device, args.workers))
+    return rec
+
+
+# ------------------------------------------------------------ the training loop
+def train_one_epoch(state, loader, epoch, step, args, guard, progress):
+    """One pass: batch -> views -> lr and momentum -> step -> log, the guard saving and stopping
+    where a long run needs it. Returns the global step and the last view's embedding."""
+    state.train()
+    loader.sampler.set_epoch(epoch)
+    steps = len(loader)                              # a whole epoch's, whatever is skipped
+    total, warmup = args.epochs * steps, args.warmup_epochs * steps
+    first = step - epoch * steps                     # > 0: resumed mid-epoch
+    loader.sampler.skip = first * loader.batch_size  # the images seen before the checkpoint
+    for i, (batch, _, problems) in progress.batches(loader, epoch, first):
+        views = to_views(batch, args.recipe, state.aug, state.device)
+        lr = learning_rate(step, total, warmup, args.lr * args.batch_size / 256)
+        for g in state.optimizer.param_groups:
+            g["lr"] = lr
+        m = momentum_at(step, total, args.target_momentum)
+        loss, distance, tl, embedding = train_step(state, views, m, args)
+        step += 1
+        progress.step(i, step, args.batch_size, loss=loss, nmse=distance, trace_loss=tl, lr=lr)
+        guard.after_step(epoch, step, loss, problems, last=i == steps - 1)
+    return step, embedding
 
 
 def train(args):
+    """Pretrain with INTL on every process torchrun starts (or this one); returns the backbone."""
     rank, world, device = utils.setup_distributed(args.batch_size)
-    log = print if rank == 0 else (lambda *a, **kw: None)
-    if rank == 0:
-        utils.make_output_dir(args.output_dir)
-    recipe, amp, k = crop_recipe(args), autocast_dtype(args.amp, device, args.data), whitened_count(args)
-    beta = (trace_loss_weight(k) if args.transform != "none" else 0.0) if args.beta is None else args.beta
-    seed = args.seed + rank      # augmentation differs across ranks; the weights do not (build_model)
-    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
-    loader = train_loader(args, recipe, rank, world, device)    # a bad --data fails before the model
-    online, forward, target = build_model(args, device, world)
-    optimizer, scaler = build_optimizer(online, args, device)
-    # --gpu-aug's generator, seeded from this rank's stream as the loader seeds its workers
-    aug = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()))) if args.gpu_aug else None
+    utils.seed_all(args.seed + rank)   # augmentation differs across ranks; weights do not
+    loader = train_loader(args, rank, world, device)    # a bad --data fails before the model
+    state = build_state(args, device, world)
     labelled = monitor_data(args) if args.monitor_every and rank == 0 else None
-    steps = len(loader)          # per epoch
-    lr = args.lr * args.batch_size / 256
-    total_steps, warmup_steps = args.epochs * steps, args.warmup_epochs * steps
-
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    start_epoch, step = utils.resume_if_any(ckpt_path, online, target, optimizer, scaler, aug, args, rank, steps)
-    # utils.py: stop signals, unreadable files, non-finite losses; the ranks agree on a CPU group
-    stop, unreadable, group = utils.StopSignals(), utils.Unreadable(args.max_bad_files), utils.host_group()
-    nonfinite = torch.zeros(3, device=device)   # skipped steps, current and longest run
-    save = partial(utils.save_checkpoint, ckpt_path, online, target, optimizer, scaler, aug, nonfinite,
-                   args, rank, world, group, steps)
-    done, last_save = step - start_epoch * steps, time.time()   # done > 0: resumed mid-epoch
-
-    log(f"INTL: {args.method}, {args.arch}, {len(recipe)} views{' (GPU augmentation)' if aug else ''}, "
-        f"{world} process(es) on {device.type}, global batch {args.batch_size}, beta {beta:.4f}, "
-        f"{len(loader.dataset)} images, {steps} steps/epoch, autocast {amp or 'off'}", flush=True)
-    if start_epoch >= min(args.epochs, args.stop_epoch or args.epochs):
-        log(f"nothing to train: {args.resume or ckpt_path} is at epoch {start_epoch}"
-            + (f", --stop-epoch is {args.stop_epoch}" if args.stop_epoch and args.stop_epoch < args.epochs
-               else f" of {args.epochs}: the run is finished"))
-    for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip, bad_files = done * loader.batch_size, 0   # seen before the checkpoint
-        nonfinite[0] = 0
-        forward.train()
-        if target is not None:
-            target.train()
-        t_last, t_data, wait, seen = time.time(), time.time(), 0.0, 0
-        for i, (batch, _, problems) in enumerate(loader, start=done):
-            wait += time.time() - t_data          # waiting for the loader only
-            views = to_views(batch, recipe, aug, device)
-            for g in optimizer.param_groups:
-                g["lr"] = learning_rate(step, total_steps, warmup_steps, lr)
-            loss, distance, tl, embedding = train_step(
-                forward, online, target, optimizer, scaler, views,
-                momentum_at(step, total_steps, args.momentum), beta, amp, args)
-            utils.count_nonfinite(nonfinite, loss)
-            step += 1
-            seen += args.batch_size
-            due = args.save_every_minutes and time.time() - last_save > 60 * args.save_every_minutes
-            stopping, due, bad = utils.agree([stop.signum, due, unreadable.add(problems)], group)
-            bad_files += bad
-            unreadable.check(bad_files, len(loader.dataset), rank)
-            if step % args.print_freq == 0 or i == steps - 1:   # .item() syncs: only here
-                dt = time.time() - t_last
-                rec = {"epoch": epoch, "step": step, "loss": loss.item(), "nmse": distance.item(),
-                       "trace_loss": tl.item(), "lr": optimizer.param_groups[0]["lr"],
-                       "img_per_s": seen / dt, "data_wait": wait / dt}
-                log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {rec['loss']:.4f} "
-                    f"(nmse {rec['nmse']:.4f} tl {rec['trace_loss']:.3f}) lr {rec['lr']:.4g} "
-                    f"{rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%", flush=True)
-                utils.write_log(args, rank, rec)
-                utils.check_nonfinite(nonfinite, args.max_nonfinite, step, rec["lr"], rank)
-                t_last, wait, seen = time.time(), 0.0, 0
-            if (stopping or due) and i < steps - 1:     # mid-epoch (an epoch's end saves anyway)
-                save(epoch, step)
-                last_save = time.time()
-                if stopping:
-                    stop.exit(rank, step, ckpt_path, group)
-            t_data = time.time()
-        done = 0
-
-        # the epoch's last batch, before and after the transform (read before any later step:
-        # CUDA graphs reuse their output memory)
-        skipped = int(nonfinite[0])
-        rec = {"epoch": epoch + 1, "step": step, "projector": spectrum(embedding, args.whiten, True),
-               "iternorm": spectrum(whitening(args)(embedding, whiten=args.whiten), args.whiten, True),
-               "unreadable": bad_files, "nonfinite": skipped}
-        utils.write_log(args, rank, {"epoch": epoch + 1, "before": rec["projector"].pop("eigenvalues"),
-                               "after": rec["iternorm"].pop("eigenvalues")}, "spectrum.jsonl")
-        if labelled and (epoch + 1) % args.monitor_every == 0:
-            rec.update(utils.monitor(online.backbone, labelled, device))
-        log(f"epoch {epoch + 1}: spectrum cond/erank projector {rec['projector']['cond']:.3g}/"
-            f"{rec['projector']['erank']:.1f}, {args.transform} output {rec['iternorm']['cond']:.3g}/"
-            f"{rec['iternorm']['erank']:.1f} of {k}"
-            + (f"; top-1 5-NN {rec['knn5_top1']:.1f}%, linear {rec['linear_top1']:.1f}%" if "knn5_top1" in rec else "")
-            + (f", {bad_files} unreadable images replaced" if bad_files else "")
-            + (f", {skipped} steps skipped (loss not finite)" if skipped else ""), flush=True)
-        utils.write_log(args, rank, rec)
-        save(epoch + 1, step)
-        last_save = time.time()
-        if rank == 0:
-            utils.save_atomic(online.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
-        if stopping:
-            stop.exit(rank, step, ckpt_path, group)
-    stop.restore()
+    settings = {**utils.plain(vars(args)), "steps_per_epoch": len(loader)}
+    run_info = {**settings, "world_size": world, "device": device.type,
+                "torch": torch.__version__, "torchvision": torchvision.__version__}
+    with utils.RunFolder(args.output_dir, rank, run_info) as folder:
+        ckpt = utils.Checkpoints(args.output_dir, state, settings, FREE_ON_RESUME, network,
+                                 exports, rank, world, utils.host_group(), device)
+        guard = utils.Guard(ckpt, len(loader.dataset), args.max_bad_files, args.max_nonfinite,
+                            args.save_every_minutes, args.print_freq, args.nonfinite_hint)
+        epoch, step = ckpt.resume(args.resume, args.restart, args.allow_changed_args)
+        progress = utils.Progress(args.output_dir, rank, len(loader), args.epochs,
+                                  args.print_freq, args.tensorboard)
+        progress.print(f"INTL: {network(settings)}, {len(args.recipe)} views, {world} process(es) "
+                       f"on {device.type}, batch {args.batch_size}, beta {args.beta:.4f}, "
+                       f"{len(loader.dataset)} images, autocast {state.amp or 'off'}")
+        last = args.stop_epoch or args.epochs
+        if epoch >= last:
+            progress.print(f"nothing to train: {args.output_dir} is at epoch {epoch} of {last}")
+            ckpt.export()   # backbone.pth as the checkpoint holds it, whatever cut a save short
+        folder.start()
+        for epoch in range(epoch, last):
+            step, embedding = train_one_epoch(state, loader, epoch, step, args, guard, progress)
+            counts = guard.end_epoch(epoch + 1, step)
+            rec = epoch_record(embedding, labelled, epoch + 1, args, state)
+            progress.epoch({**rec, "step": step, **counts}, args.k, args.transform)
+            guard.stop_if_asked(step)
+        guard.close()
+        progress.finish()
     utils.leave_process_group()
-    return online.backbone, rank
+    return utils.unwrap(state.model).backbone
 
 
-# ----------------------------------------------------------------------------- main
-QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024", "--batch-size", "256",
-               "--lr", "0.05", "--wd", "1e-4", "--epochs", "1", "--warmup-epochs", "0", "--subset", "20000",
-               "--workers", "1", "--print-freq", "10", "--monitor-every", "1", "--output-dir", "runs/quick-start"]
+# ------------------------------------------------------------ settings
+FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "restart", "stop_epoch", "amp",
+                  "compile", "gpu_aug", "seed", "monitor_every", "allow_changed_args",
+                  "save_every_minutes", "max_bad_files", "max_nonfinite", "tensorboard"}
+
+
+def network(settings):
+    """The network a run trains, in words: a checkpoint resumes only into the same."""
+    stem = " (small images)" if settings.get("small_images") else ""
+    method, projector = settings["method"].upper(), settings["projector"]
+    return f"{method} {settings['arch']}{stem} --projector {projector}"
+
+
+def exports(online):
+    """The files saved beside each epoch's checkpoint: the backbone, loadable on a CPU."""
+    return {"backbone.pth": {k: v.cpu() for k, v in online.backbone.state_dict().items()}}
 
 
 def parse_args(argv=None, need_data=True):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", help="DIR with DIR/train/<class>/<image> (ImageNet layout), fashion-mnist, "
-                                  "cifar10 or cifar100 (the last two imply --small-images)")
-    p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
-    p.add_argument("--method", choices=["intl", "intl-m"], default="intl",
-                   help="INTL, or INTL-M with a momentum target encoding the first view")
-    p.add_argument("--whiten", choices=["channel", "batch"], default="channel",
-                   help="whiten the samples (channel) or the features (batch)")
-    p.add_argument("--iters", type=int, default=4, help="Newton iterations T")
-    p.add_argument("--transform", choices=["iternorm", "power", "none"], default="iternorm",
-                   help="IterNorm (INTL), the Spectral Transformation λ^-p by float64 eigendecomposition, or "
-                        "none: plain nmse on the projector output, the collapse baseline (β defaults to 0)")
-    p.add_argument("--power", type=float, default=0.5, help="p of --transform power (0.5: ZCA whitening)")
-    p.add_argument("--beta", type=float, default=None, help="trace-loss weight β (None: 0.01 (log2 k - 3), k the "
-                   "global batch or the embedding dim; 0 for --transform none)")
-    p.add_argument("--momentum", type=float, default=0.996, help="INTL-M start momentum m0")
-    p.add_argument("--arch", default="resnet50", help="a torchvision ResNet")
-    p.add_argument("--small-images", action="store_true", help="32-px data: 3x3 stem and the 32-px crops")
-    p.add_argument("--projector", default="8192-8192-8192", help="projector widths")
-    p.add_argument("--multi-crop", action="store_true", help="6 crops: 2x224, 192, 160, 128, 96")
-    p.add_argument("--epochs", type=int, default=100, help="pretraining epochs")
-    p.add_argument("--stop-epoch", type=int, default=0, help="stop after this epoch (schedules span --epochs)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
-    p.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images (lr = LR × batch/256)")
-    p.add_argument("--wd", type=float, default=1e-5, help="weight decay (weights only)")
-    p.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up epochs")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="auto: bf16 on GPUs that support it, else off")
-    p.add_argument("--gpu-aug", action="store_true", help="workers only decode; crops drawn on the device (gpu_aug.py)")
-    p.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the encoder in this mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--workers", type=int, default=min(8, utils.CPU_CORES), help="data workers per process")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights (augmentation: seed + rank)")
-    p.add_argument("--print-freq", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--monitor-every", type=int, default=0, help="every N epochs, 5-NN and linear-probe top-1 of the "
-                   "backbone on labelled data (the test split, or DIR/val) as an online monitor (0: never)")
-    p.add_argument("--output-dir", default="runs/intl", help="checkpoint.pth, backbone.pth and log.jsonl go here")
-    p.add_argument("--resume", help="checkpoint to resume (None: OUTPUT_DIR/checkpoint.pth if present)")
-    p.add_argument("--allow-changed-args", action="store_true", help="resume a checkpoint made with other settings")
-    p.add_argument("--save-every-minutes", type=float, default=0, help="also save mid-epoch this often (against kill -9)")
-    p.add_argument("--max-bad-files", type=float, default=0.01, help="stop past this fraction of unreadable images")
-    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after N non-finite losses in a row (skipped)")
-    p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
-    args = p.parse_args(argv)
-    if not args.data and need_data:
-        fail("--data is required (a folder in ImageNet layout, fashion-mnist, cifar10 or cifar100)")
-    utils.check_ranges(args, {"positive": "epochs batch_size iters print_freq lr",
-                              "0 or more": "subset stop_epoch warmup_epochs workers wd monitor_every", "in [0, 1]": "momentum"})
+    p = utils.argument_parser(__doc__.split("\n\n")[0] + "\n\n`python intl.py` alone is the quick "
+        "start. On an image folder the defaults are the paper's 100-epoch ImageNet row (INTL-M, "
+        "multi-crop, lr 0.5, ResNet-50, batch 256); on 32-px data its small-data recipe (INTL, two "
+        "32-px crops, lr 0.3; on CIFAR wd 1e-4 on every parameter, m0 0.999, float32).")
+    add = p.add_argument
+    add("--data", required=need_data, help="DIR with DIR/train/<class>/<image> (ImageNet layout), "
+        "or fashion-mnist, cifar10, cifar100 (32-px images)")
+    add("--subset", type=int, default=0, help="a fixed random subset of N images (0: all)")
+    add("--method", choices=["intl", "intl-m"], help="INTL, or INTL-M with a momentum target "
+        "encoding the first view (default: intl-m on a folder, intl on 32-px data)")
+    add("--whiten", choices=["channel", "batch"], default="channel",
+        help="whiten the samples (channel) or the features (batch)")
+    add("--iters", type=int, default=4, help="Newton iterations T of IterNorm")
+    add("--transform", choices=["iternorm", "power", "none"], default="iternorm",
+        help="IterNorm (INTL), the Spectral Transformation λ^-p by float64 eigendecomposition, "
+        "or none: plain nmse, the collapse baseline (β then 0)")
+    add("--power", type=float, help="p of --transform power (default 0.5: ZCA whitening)")
+    add("--beta", type=float, help="trace-loss weight β (default 0.01 (log2 k - 3), k the "
+        "global batch, or the embedding dim with --whiten batch; 0 with --transform none)")
+    add("--target-momentum", type=float, help="INTL-M: the momentum target's EMA start value "
+        "m0, rising to 1 on a cosine (default 0.996; 0.999 on CIFAR)")
+    add("--arch", default="resnet50", help="a torchvision ResNet")
+    add("--small-images", action="store_true", help="32-px images: 3x3 stride-1 stem, no max-pool")
+    add("--projector", default="8192-8192-8192", help="widths, the last the embedding's")
+    add("--multi-crop", action=argparse.BooleanOptionalAction, help="6 crops: 2x224, 192, 160, "
+        "128, 96 px (default on an image folder); --no-multi-crop: 2 x 224 px")
+    add("--epochs", type=int, default=100, help="pretraining epochs")
+    add("--stop-epoch", type=int, default=0, help="stop after this epoch (0: the last)")
+    add("--batch-size", type=int, default=256, help="global batch size")
+    add("--lr", type=float, help="base lr per 256 images: lr = LR x batch/256 (default 0.5 on "
+        "a folder, 0.3 on 32-px data)")
+    add("--wd", type=float, help="weight decay of the weights (default 1e-5); on CIFAR of "
+        "every parameter, biases and BN too, as the authors (default there 1e-4)")
+    add("--warmup-epochs", type=int, default=2, help="linear warm-up epochs")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast; auto: "
+        "bf16 on GPUs with native bf16, except on CIFAR (float32, as the authors), else off")
+    add("--gpu-aug", action="store_true", help="workers only decode; crops drawn on the device")
+    add("--compile", nargs="?", const="default", choices=["default", "reduce-overhead",
+        "max-autotune"], help="torch.compile the encoder (the last two also use CUDA graphs)")
+    add("--workers", type=int, default=utils.default_workers(), help="data workers per process "
+        "(default: the node's CPU cores shared among its processes, at most 8)")
+    add("--seed", type=int, default=0, help="seed of the weights; of augmentation: seed + rank")
+    add("--print-freq", type=int, default=50, help="steps between progress lines")
+    add("--monitor-every", type=int, default=0, help="every N epochs, 5-NN and linear-probe "
+        "top-1 of the backbone on labelled data (test split, or DIR/val) as a monitor (0: never)")
+    add("--output-dir", default="runs/intl", help="the run folder: checkpoint.pth, backbone.pth, "
+        "args.json, log.txt, log.jsonl, spectrum.jsonl")
+    add("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if there)")
+    add("--restart", action="store_true", help="start afresh even if OUTPUT_DIR has a checkpoint")
+    add("--allow-changed-args", action="store_true", help="resume with other settings than the "
+        "checkpoint's")
+    add("--save-every-minutes", type=float, default=0, help="also save mid-epoch this often, "
+        "against kill -9 (0: at each epoch's end only)")
+    add("--max-bad-files", type=float, default=0.01, help="stop past this fraction unreadable")
+    add("--max-nonfinite", type=int, default=20, help="stop after N non-finite losses in a row")
+    add("--tensorboard", action="store_true", help="also write the logged figures to "
+        "OUTPUT_DIR/tensorboard (needs the tensorboard package)")
+    return derive_settings(p.parse_args(argv))
+
+
+def derive_settings(args):
+    """Everything a run derives from its arguments, worked out once: the paper's row for the
+    data, the crop recipe, k and β; settings that do not fit are refused in one line."""
+    cifar = args.data in CIFAR_NORM
+    small = args.data in utils.SMALL_DATA or args.small_images      # 32-px images
+    utils.check_ranges(args, {
+        "positive": "epochs batch_size iters print_freq lr max_nonfinite",
+        "0 or more": "subset stop_epoch warmup_epochs workers wd monitor_every save_every_minutes",
+        "in [0, 1]": "target_momentum max_bad_files"})
     widths = args.projector.split("-")
     if not all(w.isdigit() and int(w) > 0 for w in widths) or int(widths[-1]) < 2:
         fail(f"--projector {args.projector}: widths are positive integers joined by '-', the last "
              f"(the embedding) at least 2, e.g. 8192-8192-8192")
-    args.small_images = args.small_images or args.data in CIFAR_NORM    # their 3x3 stem
+    if args.power is not None and args.transform != "power":
+        fail(f"--power applies to --transform power, not {args.transform}")
+    args.method = args.method or ("intl" if small else "intl-m")
+    if args.target_momentum is not None and args.method == "intl":
+        fail("--target-momentum is INTL-M's momentum target: add --method intl-m")
+    if args.multi_crop and small:
+        fail(f"--multi-crop is the 224-px recipe; {args.data} trains two 32-px crops")
+    if args.epochs <= args.warmup_epochs:
+        fail(f"--warmup-epochs {args.warmup_epochs} is not below --epochs {args.epochs}: the lr "
+             f"would never leave its warm-up (set a smaller --warmup-epochs)")
+    args.small_images = args.small_images or cifar      # their 3x3 stem
+    args.multi_crop = not small if args.multi_crop is None else args.multi_crop
+    args.lr = args.lr or (0.3 if small else 0.5)
+    args.wd = (1e-4 if cifar else 1e-5) if args.wd is None else args.wd
+    args.target_momentum = args.target_momentum or (0.999 if cifar else 0.996)
+    args.power = 0.5 if args.power is None else args.power
+    args.decay_all = cifar                  # the authors' CIFAR optimiser decays every parameter
+    args.amp = "off" if cifar and args.amp == "auto" else args.amp    # and runs in float32
+    args.recipe = MULTI_CROP if args.multi_crop else TWO_VIEWS
+    if small:        # on CIFAR normalised by the data set's own mean and std
+        mean, std = CIFAR_NORM.get(args.data, (MEAN, STD))
+        args.recipe = [c._replace(mean=mean, std=std) for c in TWO_VIEWS_32PX]
+    # k, the number of whitened variables: the global batch (channel) or the embedding dim
+    args.k = args.batch_size if args.whiten == "channel" else int(widths[-1])
+    if args.beta is None:
+        args.beta = trace_loss_weight(args.k) if args.transform != "none" else 0.0
+    if args.beta < 0:
+        utils.warn(f"β = 0.01 (log2 k - 3) = {args.beta:.3g} for k = {args.k} whitened variables "
+                   f"is negative: the trace loss then rewards variances far from 1; use k >= 8")
+    args.nonfinite_hint = "lower --lr"
+    if args.transform == "iternorm" and args.iters > 8:     # 4 in the paper
+        args.nonfinite_hint = f"lower --iters ({args.iters}: float32 overflows past about 12)"
+        utils.warn(f"--iters {args.iters}: past about 12 Newton iterations, float32 rounding in "
+                   f"the covariance's null directions grows until the loss overflows")
     return args
+
+
+QUICK_START = ["--data", "fashion-mnist", "--arch", "resnet18", "--projector", "1024-1024-1024",
+               "--batch-size", "256", "--lr", "0.05", "--wd", "1e-4", "--epochs", "1",
+               "--warmup-epochs", "0", "--subset", "20000", "--workers", "1", "--print-freq", "10",
+               "--monitor-every", "1", "--output-dir", "runs/quick-start"]
 
 
 def quick_start():
     """INTL beside the same run without a transform, each on Fashion-MNIST for a minute or two,
     then the network at random init: the effective rank of each embedding, and the 5-NN and
     linear-probe top-1 of each backbone (the online monitor)."""
-    rows = {}
-    for name, extra in [("INTL", []), ("no transform", ["--transform", "none", "--output-dir", "runs/quick-start-none"])]:
+    rows, baseline = {}, ["--transform", "none", "--output-dir", "runs/quick-start-none"]
+    for name, extra in [("INTL", []), ("no transform", baseline)]:
         print(f"quick start, {name}: python intl.py {' '.join(QUICK_START + extra)}", flush=True)
         args = parse_args(QUICK_START + extra)
-        backbone, _ = train(args)
+        backbone = train(args)
         with open(os.path.join(args.output_dir, "log.jsonl")) as f:
-            rows[name] = [json.loads(line) for line in f][-1]       # the epoch's record
+            rows[name] = json.loads(f.readlines()[-1])       # the epoch's record
     device = next(backbone.parameters()).device
     with torch.random.fork_rng(devices=[]):   # the weights both runs started from
         torch.manual_seed(args.seed)
         random_init = resnet_backbone(args.arch, args.small_images)[0].to(device)
     rows["random init"] = utils.monitor(random_init, monitor_data(args), device)
-    k = whitened_count(args)
-    print(f"\n{f'seed {args.seed}':14} {'effective rank of the embedding':>32} {'5-NN':>6} {'linear':>7}")
+    print(f"\n{f'seed {args.seed}':14} {'effective rank of the embedding':>32}   5-NN  linear")
     for name, r in rows.items():
-        erank = f"{r['projector']['erank']:.1f} of {k}" if "projector" in r else "-"
+        erank = f"{r['projector']['erank']:.1f} of {args.k}" if "projector" in r else "-"
         print(f"{name:14} {erank:>32} {r['knn5_top1']:5.1f}% {r['linear_top1']:6.1f}%")
-    a, b, r = rows.values()
-    print(f"what to look at: the effective rank, {b['projector']['erank']:.1f} of {k} without a transform against "
-          f"{a['projector']['erank']:.1f} with IterNorm and the trace loss; and the linear probe against a random "
-          f"network's, {b['linear_top1'] - r['linear_top1']:+.1f} points without against "
-          f"{a['linear_top1'] - r['linear_top1']:+.1f} with", flush=True)
+    intl, none, rand = rows.values()
+    print(f"what to look at: the effective rank, {none['projector']['erank']:.1f} of {args.k} "
+          f"without a transform against {intl['projector']['erank']:.1f} with IterNorm and the "
+          f"trace loss; and the linear probe against a random network's, "
+          f"{none['linear_top1'] - rand['linear_top1']:+.1f} points without against "
+          f"{intl['linear_top1'] - rand['linear_top1']:+.1f} with", flush=True)
 
 
 def main():
-    train(parse_args()) if len(sys.argv) > 1 else quick_start()
+    if len(sys.argv) > 1:
+        train(parse_args())
+    else:
+        quick_start()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""What a run needs besides the method, for intl.py and eval_linear.py: one-line errors, the
-data files, what a long run survives, checkpoints and their resume, and the online monitor's k-NN
-and linear probe on frozen features.
+"""What a run needs besides the method, for intl.py and eval_linear.py: one-line errors, the run
+folder and its progress lines, the data files, what a long run survives, checkpoints and their
+resume, and the k-NN and linear probe on frozen features. Nothing here knows a script's flags:
+the scripts pass in what they mean.
 
 * unreadable files (empty, truncated, not an image, over Pillow's decompression-bomb limit) give
   their slot to another image of the folder (SkipUnreadable), are reported once and counted
@@ -8,15 +9,24 @@ and linear probe on frozen features.
 * SIGTERM, SIGINT and SIGUSR1 only raise a flag (StopSignals): the step finishes, a checkpoint
   holds the position in the epoch (ResumableSampler skips what was seen), and the ranks agree on
   it over a CPU process group (agree), so the GPU is never waited for;
-* a non-finite loss skips its update on the device (step_if_finite);
-* saves are atomic, a full disk stops in one line, and partial files of earlier runs go;
-* a checkpoint is continued only by a run with the same network and settings (check_resumable).
+* a non-finite loss skips its update on the device (step_if_finite) and leaves the BatchNorm
+  statistics as they were (BufferGuard);
+* saves are atomic; a full disk stops in one line, keeps the previous file and removes the partial
+  one; a folder in use by another run is refused (RunFolder's lock);
+* checkpoints load without running code (weights_only) and are continued only by a run with the
+  same network and settings (Checkpoints.resume).
 """
+import argparse
 import contextlib
+import dataclasses
+import difflib
 import errno
+import fcntl
 import glob
 import gzip
+import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -24,6 +34,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -38,6 +49,10 @@ from PIL import Image, UnidentifiedImageError
 def fail(msg):
     """Bad input: one line on stderr and a non-zero exit, never a traceback."""
     sys.exit(f"error: {msg}")
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def exit_all(rank, line, code=1, group=None):
@@ -55,6 +70,11 @@ def exit_all(rank, line, code=1, group=None):
 CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def default_workers():
+    """Data workers per process: the node's CPU cores shared among its processes, at most 8."""
+    return max(1, min(8, CPU_CORES // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 RANGES = {"positive": lambda v: v > 0, "0 or more": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
 
 
@@ -67,13 +87,31 @@ def check_ranges(args, rules):
                 fail(f"--{name.replace('_', '-')} must be {rule}, not {v}")
 
 
-def make_output_dir(path):
-    """Create the output folder and check that it takes files, before the first step, not after it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        fail(f"--output-dir {path}: {'a file, not a folder' if os.path.isfile(path) else e.strerror or e}")
+class HelpFormatter(argparse.HelpFormatter):
+    """--help that states each default once: "(default: X)" unless the help says it or it is None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def argument_parser(description):
+    """An ArgumentParser whose errors are one line (not the whole usage) and whose --help states
+    each default once."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.error = lambda msg: fail(f"{msg} (see --help)")
+    return p
+
+
+def cuda_device(local_rank, visible):
+    """This process's GPU, or one line when torchrun starts more processes on a node than it has."""
+    if local_rank >= visible:
+        fail(f"{int(os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1))} processes on this node but "
+             f"{visible} GPU(s) visible: set --nproc_per_node to at most {visible} (or check "
+             f"CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", local_rank)
 
 
 def setup_distributed(batch_size):
@@ -84,20 +122,42 @@ def setup_distributed(batch_size):
     if batch_size % world:
         fail(f"--batch-size {batch_size} is not divisible by the world size {world}")
     if world == 1:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    local_rank = int(os.environ["LOCAL_RANK"])
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        device = cuda_device(int(os.environ["LOCAL_RANK"]), torch.cuda.device_count())
+        torch.cuda.set_device(device)
     store, rank, world = next(dist.rendezvous("env://"))
     # torchrun --max-restarts keeps its store: each attempt's keys apart, or the restarted
     # ranks read the addresses of the dead ones and cannot connect
     store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return rank, world, device
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """All-gather along the batch. Backward sums the gradients of every rank and keeps this
+    rank's slice, so that DDP's gradient average equals the single-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(z):
+    """The global batch: every rank whitens the same m × d matrix."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return GatherWithGrad.apply(z)
+    return z
 
 
 def leave_process_group():
@@ -117,11 +177,260 @@ def on_rank0(read):
     return box[0]
 
 
-def write_log(args, rank, rec, name="log.jsonl"):
-    """One JSON object per line in OUTPUT_DIR/NAME, from rank 0."""
-    if rank == 0:
-        with open(os.path.join(args.output_dir, name), "a") as f:
+def autocast_dtype(amp, device):
+    """--amp as a dtype (None: float32). auto: bf16 on GPUs with native bf16 (emulated bf16 on
+    older GPUs is slower than float32)."""
+    if amp == "auto":
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else None
+    if amp == "fp16" and device.type == "cpu":
+        fail("--amp fp16 on the CPU is many times slower than float32 (no fast fp16 kernels "
+             "there): use --amp off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def memory_format(device):
+    """channels_last is faster for convolutions on GPUs, slower on CPUs."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def seed_all(seed):
+    """torch's, numpy's and Python's random streams."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def unwrap(model):
+    """The module that owns the weights, inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def plain(value):
+    """Settings as JSON and torch.load(weights_only=True) take them: named tuples as dicts, tuples
+    as lists."""
+    if hasattr(value, "_asdict"):
+        value = value._asdict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- the run folder
+def make_output_dir(path):
+    """Create the output folder and check that it takes files, before the first step, not after it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        fail(f"--output-dir {path}: {'a file, not a folder' if os.path.isfile(path) else e.strerror or e}")
+
+
+class Tee:
+    """A text stream that also appends what it is given to a file (the console's log.txt)."""
+
+    def __init__(self, stream, path):
+        self.stream, self.file = stream, open(path, "a", buffering=1)
+
+    def write(self, text):
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class RunFolder:
+    """--output-dir of a run, held for its duration (`with RunFolder(...)`): created and checked
+    for writing, locked against a second run (a dead run's lock is free: the kernel drops it),
+    rank 0's console copied to log.txt, the settings written to args.json once the run starts
+    (start()). A run that fails before it has trained leaves no folder it created, and the
+    args.json of the run the folder holds as it was."""
+
+    def __init__(self, path, rank, settings):
+        self.path, self.rank, self.settings, self.lock = path, rank, settings, None
+        self.created, self.started = False, False
+
+    def __enter__(self):
+        if self.rank != 0:
+            return self
+        self.created = not os.path.exists(self.path)
+        make_output_dir(self.path)
+        self.lock = open(os.path.join(self.path, "run.lock"), "a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip() or "another process"
+            self.lock.close()
+            fail(f"--output-dir {self.path} is in use by {holder}: wait for it to finish, or "
+                 f"use another --output-dir")
+        self.lock.seek(0)
+        self.lock.truncate()
+        self.lock.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+        self.lock.flush()
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout = Tee(sys.stdout, os.path.join(self.path, "log.txt"))
+        sys.stderr = Tee(sys.stderr, os.path.join(self.path, "log.txt"))
+        return self
+
+    def start(self):
+        """Training begins: these settings are the folder's (a refused resume leaves them)."""
+        self.started = True
+        if self.rank == 0:
+            write_json(os.path.join(self.path, "args.json"), self.settings)
+
+    def __exit__(self, kind, error, trace):
+        if self.rank != 0:
+            return False
+        if kind is not None and not (kind is SystemExit and not isinstance(error.code, str)):
+            why = error.code if kind is SystemExit else f"{kind.__name__}: {error}"
+            print(why, file=sys.stderr.file)    # the reason of a failed run goes to log.txt too
+        sys.stdout.file.close()
+        sys.stderr.file.close()
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.lock.close()       # and its flock with it
+        if kind is not None and self.created and not self.started:
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+def write_json(path, obj):
+    save_atomic(obj, path, lambda o, f: f.write(json.dumps(o, indent=1).encode()))
+
+
+def write_log(folder, rec, name="log.jsonl"):
+    """One JSON object per line in FOLDER/NAME (call it on rank 0); a failed write (a full disk)
+    stops the run in one line."""
+    path = os.path.join(folder, name)
+    try:
+        with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        sys.exit(f"error: cannot write {path}: {disk_error(e, folder)}; the checkpoint is intact: "
+                 f"free space and run the same command to resume")
+
+
+# ----------------------------------------------------------------------------- progress
+def clock(seconds):
+    """A duration as H:MM:SS (hours unbounded)."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def progress(items, total, label, log=print, every=None):
+    """Yield from items; every `every` items (default: about 10 lines a pass) and after the last,
+    log 'LABEL i/total, elapsed H:MM:SS, ETA H:MM:SS (at HH:MM)' (ETA: the rest at the mean rate so far)."""
+    every = every or max(1, round(total / 10))
+    start, i, said = time.monotonic(), 0, 0
+
+    def say():
+        elapsed = time.monotonic() - start
+        eta = elapsed / i * max(0, total - i)
+        at = time.strftime("%H:%M", time.localtime(time.time() + eta))
+        log(f"{label} {i}/{total}, elapsed {clock(elapsed)}, ETA {clock(eta)} (at {at})")
+
+    for item in items:
+        yield item          # the caller's work on it happens here: counted in the rate
+        i += 1
+        if i % every == 0 or i == total:
+            say()
+            said = i
+    if i and said != i:     # fewer or more items than `total`: still a line after the last
+        say()
+
+
+class Progress:
+    """Progress lines as DINO's MetricLogger prints them: the step's figures, the time of day,
+    elapsed time and ETA of the epoch and of the run; the same figures to log.jsonl (with the
+    time) and, if asked, to TensorBoard. `step()` costs nothing between printed lines: the
+    figures are device tensors, read (a host sync) only when printed."""
+
+    def __init__(self, folder, rank, steps_per_epoch, epochs, print_freq, tensorboard=False):
+        self.folder, self.rank, self.steps, self.epochs = folder, rank, steps_per_epoch, epochs
+        self.print_freq, self.start, self.tb = print_freq, time.time(), None
+        if tensorboard and rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                fail("--tensorboard needs the tensorboard package: pip install tensorboard")
+            self.tb = SummaryWriter(os.path.join(folder, "tensorboard"))
+
+    def print(self, line):
+        if self.rank == 0:
+            print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    def batches(self, loader, epoch, first):
+        """The loader's items from its `first` step on, each with the seconds waited for it."""
+        self.current, self.first, self.images, self.wait = epoch, first, 0, 0.0
+        self.epoch_start = self.t_last = time.time()
+        t = time.time()
+        for i, item in enumerate(loader, start=first):
+            self.wait += time.time() - t
+            yield i, item
+            t = time.time()
+
+    def step(self, i, step, batch_size, **figures):
+        self.images += batch_size
+        if step % self.print_freq and i != self.steps - 1:
+            return
+        now = time.time()
+        figures = {k: v.item() if torch.is_tensor(v) else v for k, v in figures.items()}
+        rec = {"epoch": self.current, "step": step, **figures,
+               "img_per_s": self.images / (now - self.t_last), "data_wait": self.wait / (now - self.t_last),
+               "time": round(now, 3)}
+        done = i + 1 - self.first       # this process's steps of this epoch, for the rates
+        per_step = (now - self.epoch_start) / done
+        left = self.steps - i - 1
+        run_left = left + (self.epochs - self.current - 1) * self.steps
+        self.print(f"ep {self.current + 1}/{self.epochs} step {i + 1}/{self.steps} loss {rec['loss']:.4f} "
+                   f"(nmse {rec['nmse']:.4f} tl {rec['trace_loss']:.3f}) lr {rec['lr']:.4g} "
+                   f"{rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%, "
+                   f"elapsed {clock(now - self.start)}, ETA epoch {clock(per_step * left)}, "
+                   f"run {clock(per_step * run_left)}")
+        self.record(rec)
+        self.images, self.wait, self.t_last = 0, 0.0, now
+
+    def epoch(self, rec, k, transform):
+        """The epoch's line: the spectrum before / after the transform, the monitor, what went
+        wrong; then its record."""
+        erank = lambda s: "-" if s["erank"] is None else f"{s['cond']:.3g}/{s['erank']:.1f}"
+        line = (f"epoch {rec['epoch']}: spectrum cond/erank projector {erank(rec['projector'])}, "
+                f"{transform} output {erank(rec['transformed'])} of {k}")
+        if "knn5_top1" in rec:
+            line += f"; top-1 5-NN {rec['knn5_top1']:.1f}%, linear {rec['linear_top1']:.1f}%"
+        if rec["unreadable"]:
+            line += f", {rec['unreadable']} unreadable images replaced"
+        if rec["nonfinite"]:
+            line += f", {rec['nonfinite']} steps skipped (loss not finite)"
+        self.print(line)
+        before, after = rec["projector"].pop("eigenvalues"), rec["transformed"].pop("eigenvalues")
+        if self.rank == 0:
+            write_log(self.folder, {"epoch": rec["epoch"], "before": before, "after": after},
+                      "spectrum.jsonl")
+        self.record(rec)
+
+    def record(self, rec):
+        """log.jsonl and TensorBoard, from rank 0: every number of the record, nested ones as a/b."""
+        if self.rank != 0:
+            return
+        write_log(self.folder, {**rec, "time": round(time.time(), 3)})
+        if self.tb is not None:
+            flat = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+            flat.update({f"{k}/{kk}": vv for k, v in rec.items() if isinstance(v, dict)
+                         for kk, vv in v.items() if isinstance(vv, (int, float))})
+            for k, v in flat.items():
+                if k not in ("epoch", "step", "time"):
+                    self.tb.add_scalar(k, v, rec["step"])
+            self.tb.flush()
+
+    def finish(self):
+        self.print(f"total time {clock(time.time() - self.start)}")
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ----------------------------------------------------------------------------- unreadable images
@@ -138,8 +447,10 @@ def load_rgb(path, max_side=None):
         if max_side:
             img.draft("RGB", (max_side, max_side))
         img.load()
-    if img.mode in GREY16:
-        img = Image.fromarray(np.clip(np.asarray(img) >> 8, 0, 255).astype(np.uint8))
+    if img.mode in GREY16:     # 16-bit levels to 8; an "I" image may hold 8-bit ones (a TIFF)
+        levels = np.asarray(img)
+        shift = 8 if img.mode != "I" or levels.max(initial=0) > 255 else 0
+        img = Image.fromarray(np.clip(levels >> shift, 0, 255).astype(np.uint8))
     elif img.mode not in ("RGB", "L"):
         img = img.convert("RGB")      # first: Pillow resizes RGBA premultiplied
     if max_side:
@@ -219,6 +530,11 @@ class Unreadable:
 FMNIST_DIRS = ["/usr/share/datasets/fashion-mnist", "./data", "./data/FashionMNIST/raw"]
 
 
+def fashion_mnist_dirs():
+    """Where Fashion-MNIST's files are looked for: $FASHION_MNIST_DIR first, if set."""
+    return [d for d in [os.environ.get("FASHION_MNIST_DIR")] if d] + FMNIST_DIRS
+
+
 def read_idx(path):
     """An IDX file (the MNIST format), gzipped: big-endian dims, then uint8 data."""
     with gzip.open(path, "rb") as f:
@@ -229,17 +545,17 @@ def read_idx(path):
 
 
 def load_fashion_mnist(train=True):
-    """uint8 images (N, 28, 28) and labels from the Debian package dataset-fashion-mnist,
-    else ./data, else a torchvision download into ./data."""
+    """uint8 images (N, 28, 28) and labels from $FASHION_MNIST_DIR, the Debian package
+    dataset-fashion-mnist, ./data, else a torchvision download into ./data."""
     split = "train" if train else "t10k"
-    for d in FMNIST_DIRS:
+    for d in fashion_mnist_dirs():
         images = os.path.join(d, f"{split}-images-idx3-ubyte.gz")
         if os.path.exists(images):
             return read_idx(images), read_idx(os.path.join(d, f"{split}-labels-idx1-ubyte.gz"))
     try:
         ds = torchvision.datasets.FashionMNIST("./data", train=train, download=True)
     except Exception as e:
-        fail(f"Fashion-MNIST not in {', '.join(FMNIST_DIRS)} and the download failed "
+        fail(f"Fashion-MNIST not in {', '.join(fashion_mnist_dirs())} and the download failed "
              f"({type(e).__name__}); install the Debian package dataset-fashion-mnist")
     return ds.data.numpy(), ds.targets.numpy()
 
@@ -261,6 +577,8 @@ def load_cifar(name, train=True, root="./data"):
         try:
             with open(os.path.join(root, folder, f), "rb") as fh:
                 batch = pickle.load(fh, encoding="bytes")
+        except FileNotFoundError:
+            fail(f"{root}/{folder} has no {f}: remove the folder so that {name} downloads again")
         except (OSError, pickle.UnpicklingError, EOFError) as e:
             fail(f"cannot read {name} batch {root}/{folder}/{f}: {e}")
         images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -287,6 +605,10 @@ def image_folder(root, transform, loader=load_rgb):
     """torchvision ImageFolder with one-line errors for a missing or empty folder; an unreadable
     file's slot goes to another image (items: image, label, problem; SkipUnreadable)."""
     if not os.path.isdir(root):
+        data = os.path.dirname(root)
+        close = difflib.get_close_matches(data.lower(), SMALL_DATA, n=1, cutoff=0.5)
+        if close and not os.path.exists(data):
+            fail(f"--data {data} is not a folder: did you mean --data {close[0]}?")
         fail(f"{root} not found: --data DIR must hold DIR/train/<class>/<image> (ImageNet layout)")
     try:
         return SkipUnreadable(root, transform, loader=loader)
@@ -312,6 +634,37 @@ def random_subset(ds, n):
         return ds
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
     return torch.utils.data.Subset(ds, idx.tolist())
+
+
+# ----------------------------------------------------------------------------- the evaluation view
+def eval_side(data, stem_3x3=False):
+    """The evaluation view's side: 224; 32 for 32-px data; 48 for Fashion-MNIST through the
+    ImageNet stem, whose 32-px training crops show an object 1.4x (median) to 1.6x (mean)
+    larger than the whole image does (and at 32 px its last block is one pixel)."""
+    if data == "fashion-mnist" and not stem_3x3:
+        return 48
+    return 32 if stem_3x3 or data in SMALL_DATA else 224
+
+
+def eval_transform(side, mean, std):
+    """Centre view: Resize(256) (bilinear, torchvision's default) + CenterCrop(224); 32 px as
+    they are; other sides resized bicubic."""
+    T = torchvision.transforms
+    resize = []
+    if side == 224:
+        resize = [T.Resize(256), T.CenterCrop(224)]
+    elif side != 32:
+        resize = [T.Resize(side, interpolation=T.InterpolationMode.BICUBIC)]
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def monitor_pair(data, transform, n_bank=10000, n_queries=2000):
+    """The online monitor's labelled data: a fixed random n_bank training images as the bank,
+    n_queries test (val) images as queries; None for a folder without val/."""
+    if data not in SMALL_DATA and not os.path.isdir(os.path.join(data, "val")):
+        return None
+    return (random_subset(labelled_images(data, True, transform), n_bank),
+            random_subset(labelled_images(data, False, transform), n_queries))
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -364,14 +717,27 @@ def agree(values, group):
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler whose epoch can start part-way: the first `skip` indices of its order
-    (seen before a mid-epoch checkpoint) are left out, the rest come in the same order."""
+    (seen before a mid-epoch checkpoint) are left out, the rest come in the same order. Its
+    length stays the whole epoch's: the schedules count steps per epoch."""
     skip = 0
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.skip:])
 
-    def __len__(self):
-        return super().__len__() - self.skip
+
+def train_loader(dataset, batch_size, rank, world, seed, workers, device, collate=collate):
+    """Each rank reads its share of a global batch; the sampler reshuffles every epoch. drop_last:
+    N // batch steps per epoch on any number of processes (no padding repeats); an epoch can start
+    part-way (a mid-epoch checkpoint); batches end with their unreadable files."""
+    sampler = ResumableSampler(dataset, world, rank, seed=seed, drop_last=True)
+    per_rank = batch_size // world
+    if len(sampler) < per_rank:
+        fail(f"{len(dataset)} images are fewer than one batch of {batch_size}")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,   # workers' seeds: drawn from the rank's stream
+        generator=torch.Generator().manual_seed(int(torch.randint(2**62, ()))))
 
 
 def drop_log_records_after(path, key, last):
@@ -387,10 +753,7 @@ def drop_log_records_after(path, key, last):
             if json.loads(line).get(key, 0) <= last:
                 keep.append(line)
     if len(keep) < len(lines):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        save_atomic(keep, path, lambda lines, f: f.write("".join(lines).encode()))
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -415,6 +778,20 @@ def step_if_finite(optimizer, loss):
         optimizer.step()
 
 
+def buffers_of(*modules):
+    """Copies of the modules' buffers (BatchNorm's running statistics), to undo a skipped step."""
+    return [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
+
+
+@torch.no_grad()
+def restore_if_not_finite(saved, loss):
+    """A batch whose loss is not finite has passed through BatchNorm in training mode: its
+    statistics go, decided on the device (no host sync)."""
+    bad = ~torch.isfinite(loss.detach())
+    for b, copy in saved:
+        b.copy_(torch.where(bad, copy, b))
+
+
 def count_nonfinite(counts, loss):
     """counts = [steps skipped, current run, longest run] of non-finite losses, on the device."""
     bad = (~torch.isfinite(loss.detach())).to(counts.dtype)
@@ -422,11 +799,11 @@ def count_nonfinite(counts, loss):
     counts.copy_(torch.stack([counts[0] + bad, run, torch.maximum(counts[2], run)]))
 
 
-def check_nonfinite(counts, k, step, lr, rank):
+def check_nonfinite(counts, k, step, lr, rank, hint="lower --lr"):
     """A one-line stop once k non-finite losses came in a row (reads the counter: a host sync)."""
     if counts[2] >= k:
         exit_all(rank, f"error: the loss was not finite for {k} steps in a row, by step {step} "
-                       f"(lr {lr:.4g}); stopped without saving: lower --lr")
+                       f"(lr {lr:.4g}); stopped without saving: {hint}")
 
 
 def finite(*modules):
@@ -436,23 +813,28 @@ def finite(*modules):
 
 
 # ----------------------------------------------------------------------------- saves, a full disk
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file. A failed
-    write (a full disk) removes its partial file and stops in one line; the old file stays."""
+def disk_error(e, folder):
+    """Why a write failed, in words: a full disk (or file-size limit) says how much is free."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "unexpected pos" in str(e):
+        return f"the disk is full ({shutil.disk_usage(folder).free / 2**30:.2f} GiB free in {folder})"
+    return getattr(e, "strerror", None) or str(e).splitlines()[0]
+
+
+def save_atomic(obj, path, write=torch.save):
+    """write(obj, file) to a temporary file, then rename: a crash never leaves a half-written
+    file. A failed write (a full disk: an OSError, or torch's zip writer's RuntimeError) removes
+    its partial file at once and stops in one line; the previous file stays."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:   # a file object: a full disk raises ENOSPC, not a zip error
-            torch.save(obj, f)
+        with open(tmp, "wb") as f:
+            write(obj, f)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        where = os.path.dirname(os.path.abspath(path))
-        why = e.strerror or str(e)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            why = f"the disk is full ({shutil.disk_usage(where).free / 2**30:.2f} GiB free in {where})"
         kept = "the previous one is intact" if os.path.exists(path) else "nothing was saved"
-        sys.exit(f"error: cannot save {path}: {why}; {kept}")
+        sys.exit(f"error: cannot save {path}: {disk_error(e, os.path.dirname(os.path.abspath(path)))}; "
+                 f"{kept}")
 
 
 def remove_partial_saves(folder):
@@ -463,26 +845,30 @@ def remove_partial_saves(folder):
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
-def rng_state(aug=None):
-    """Every random stream a rank draws from, the --gpu-aug generator included."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate(), "aug": aug.get_state() if aug is not None else None,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def rng_state(aug=None, device=None):
+    """Every random stream a rank draws from (the --gpu-aug generator and this rank's GPU too), in
+    types that torch.load(weights_only=True) reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda,
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "aug": aug.get_state() if aug is not None else None}
 
 
-def set_rng_state(s, aug=None):
+def set_rng_state(s, aug=None, device=None):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
     if aug is not None and s.get("aug") is not None and len(s["aug"]) == len(aug.get_state()):
         aug.set_state(s["aug"])     # (moved between CPU and GPU: the new device's own stream)
 
 
-def resume_rng_state(states, rank, aug=None):
+def resume_rng_state(states, rank, aug=None, device=None):
     """This rank's stored streams; a rank the file has none for (more processes now) seeds its own."""
-    set_rng_state(states[rank % len(states)], aug)
+    set_rng_state(states[rank % len(states)], aug, device)
     if rank >= len(states):     # from a stored stream and the rank: never another rank's crops
         seed = (int(torch.randint(2**31, ())) + rank) % 2**31
         torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
@@ -490,118 +876,246 @@ def resume_rng_state(states, rank, aug=None):
             aug.manual_seed(int(torch.randint(2**62, ())))
 
 
-def file_kind(obj):
-    """What a loaded file holds, in words, for an error."""
-    kinds = {"step": "intl.py's checkpoint.pth", "best": "eval_linear.py's checkpoint.pth",
-             "state_dict": "the authors' checkpoint", "conv1.weight": "a bare backbone, like a backbone.pth"}
+def file_kind(obj, kinds):
+    """What a loaded file holds, in words, for an error; kinds {key: words}: the first key found."""
     if not isinstance(obj, dict):
         return f"a {type(obj).__name__}"
-    return next((v for k, v in kinds.items() if k in obj), f"a dict of {', '.join(sorted(map(str, obj))[:4]) or 'nothing'}")
+    listed = ", ".join(sorted(map(str, obj))[:4]) or "nothing"
+    return next((v for k, v in kinds.items() if k in obj), f"a dict of {listed}")
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
+    """torch.load of tensors and plain containers only: a file that would run code when unpickled
+    (any other object) is refused in one line, and nothing in it runs."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            fail(f"{path} holds Python objects besides tensors, numbers, strings and containers; "
+                 f"unpickling it could run code, so it is not loaded")
+        fail(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else 'corrupt'}")
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def save_checkpoint(path, online, target, optimizer, scaler, aug, nonfinite, args, rank, world, group,
-                    steps_per_epoch, epoch, step):
-    """Rank 0 writes what a run resumes from: `epoch` whole epochs and `step` steps done (more
-    than epoch × steps per epoch: a mid-epoch save). Never weights after a divergence."""
-    lr = optimizer.param_groups[0]["lr"]
-    check_nonfinite(nonfinite, args.max_nonfinite, step, lr, rank)
-    if agree([not finite(online, target)], group)[0]:
-        exit_all(rank, f"error: weights not finite at step {step} (lr {lr:.4g}): not saved, "
-                              f"{path} keeps the last finite ones")
-    rngs = [rng_state(aug)]         # every rank's, so that each resumes its own stream
-    if world > 1:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng_state(aug))
-    if rank == 0:
-        save_atomic({"model": online.state_dict(),
-                            "target": target.state_dict() if target is not None else None,
-                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                            "epoch": epoch, "step": step, "rng": rngs,
-                            "args": {**vars(args), "steps_per_epoch": steps_per_epoch}}, path)
+def file_identity(path, tail=2**20):
+    """A file's size and the hash of its last MiB (None: no such file). The tail of torch's zip
+    files holds the CRC-32 of each record and the save's own id: two saves of one size differ."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail))
+        return size, hashlib.sha256(f.read()).hexdigest()
 
 
-def resume_from(path, online, target, optimizer, scaler, aug, args, rank, steps_per_epoch):
-    """Restore everything a checkpoint holds; returns (epoch, global step)."""
-    ckpt = on_rank0(lambda: load_checkpoint(path) if os.path.exists(path) else fail(f"--resume {path}: no such file"))
-    step = check_resumable(ckpt, args, path, rank, steps_per_epoch)
-    try:
-        online.load_state_dict(ckpt["model"])
-        if target is not None:
-            target.load_state_dict(ckpt["target"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for g in optimizer.param_groups:   # fused on GPUs: this run's choice, not the file's
-            g["fused"] = optimizer.defaults["fused"]
-        if ckpt["scaler"]:       # none without fp16: a fresh one (--amp may change on resume)
-            scaler.load_state_dict(ckpt["scaler"])
-        resume_rng_state(ckpt["rng"], rank, aug)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        fail(f"checkpoint {path} does not match this run ({args.arch}, {args.method}, "
-             f"--projector {args.projector}): {str(e).splitlines()[0]}")
-    return ckpt["epoch"], step
+def read_everywhere(path, group):
+    """The checkpoint at `path` as rank 0 sees it: where every rank sees the same file (a shared
+    folder), each reads it itself, memory-mapped; else (a node's own folder, without it or with
+    a stale one) rank 0's copy is broadcast."""
+    theirs = on_rank0(lambda: file_identity(path))
+    if theirs is None:
+        fail(f"--resume {path}: no such file")
+    if agree([file_identity(path) != theirs], group)[0] == 0:
+        return load_checkpoint(path, mmap=True)
+    return on_rank0(lambda: load_checkpoint(path))
 
 
-def resume_if_any(path, online, target, optimizer, scaler, aug, args, rank, steps_per_epoch):
-    """(epoch, step) to start from: --resume, else PATH if an earlier run saved it, else (0, 0).
-    Rank 0 then clears what runs cut short left: partial saves, log records after the checkpoint."""
-    resume = on_rank0(lambda: args.resume or (path if os.path.exists(path) else None))
-    epoch, step = resume_from(resume, online, target, optimizer, scaler, aug, args, rank, steps_per_epoch) \
-        if resume else (0, 0)
-    if rank == 0:
-        if resume:
-            print(f"resumed from {resume} at epoch {epoch}, step {step}", flush=True)
-        remove_partial_saves(args.output_dir)
-        drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "step", step)
-        drop_log_records_after(os.path.join(args.output_dir, "spectrum.jsonl"), "epoch", epoch)
-    return epoch, step
+@dataclasses.dataclass
+class TrainState:
+    """What a training run holds and its checkpoint restores."""
+    model: nn.Module                    # runs the step (DDP, compiled); unwrap(model) owns the weights
+    target: nn.Module = None            # INTL-M's momentum target
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+    aug: torch.Generator = None         # --gpu-aug's random stream
+    amp: torch.dtype = None             # the autocast dtype (None: float32)
+    device: torch.device = None
+
+    def train(self):
+        """Training mode for both networks: BN layers use the batch's statistics in each."""
+        self.model.train()
+        if self.target is not None:
+            self.target.train()
 
 
-# What a resumed run may change: it does not change what is computed.
-FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "stop_epoch", "amp", "compile", "gpu_aug",
-                  "seed", "monitor_every", "allow_changed_args", "save_every_minutes", "max_bad_files", "max_nonfinite"}
+def match_layouts(optimizer):
+    """Each optimizer buffer in fresh memory with its parameter's layout: a file's are contiguous
+    (saved on a CPU) while the weights may be channels_last (GPUs), and fused SGD requires the
+    same strides."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                state[k] = torch.empty_like(p).copy_(v)      # empty_like keeps p's strides
 
 
-def check_resumable(ckpt, args, path, rank, steps_per_epoch):
-    """The step to continue from if `ckpt` is intl.py's checkpoint of this network and settings, else one
-    line on what differs. --allow-changed-args: after the file's epoch, in this run's steps and settings."""
-    if not isinstance(ckpt, dict) or "step" not in ckpt:
-        fail(f"--resume {path} holds {file_kind(ckpt)}, not intl.py's checkpoint.pth")
-    now = {**vars(args), "steps_per_epoch": steps_per_epoch}   # the data must give as many steps
-    made = {**now, **(ckpt.get("args") or {})}     # what the file does not record counts as this run's
-    net = lambda a: (f"{a['method'].upper()} {a['arch']}{' (small images)' if a.get('small_images') else ''} "
-                     f"--projector {a['projector']}")
-    if net(made) != net(now):
-        fail(f"checkpoint {path} does not match this run: it holds {net(made)}, this run builds {net(now)}")
-    diffs = [f"{k.replace('_', '-')} {made[k]} -> {v}" for k, v in now.items()
-             if k not in FREE_ON_RESUME and made[k] != v]
-    if not diffs:
-        return ckpt["step"]
-    if not args.allow_changed_args:
-        fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): run with those, "
-             f"use another --output-dir, or add --allow-changed-args to continue with these")
-    # the same point of the same epoch, in this run's steps per epoch (the schedules follow step / all steps)
-    step = round(ckpt["step"] * steps_per_epoch / made["steps_per_epoch"])
-    if rank == 0:
-        print(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt['epoch']} at step "
-              f"{step} of {args.epochs * steps_per_epoch} (step {ckpt['step']} in the file)")
-    return step
+class Checkpoints:
+    """checkpoint.pth of a training run in FOLDER, with the files exported beside it
+    (`exports(online)` -> {name: object}, e.g. backbone.pth). `settings` (plain values) is what the
+    run computes; a resume continues only a file with the same `describe(settings)` (the network,
+    in words) and the same settings but the `free` ones, unless allow_changed: then from the
+    file's point, in this run's steps."""
+
+    def __init__(self, folder, state, settings, free, describe, exports, rank, world, group, device):
+        self.folder, self.path, self.state, self.settings = folder, os.path.join(folder, "checkpoint.pth"), state, settings
+        self.free, self.describe, self.exports = free, describe, exports
+        self.rank, self.world, self.group, self.device = rank, world, group, device
+
+    def save(self, epoch, step, exports=False):
+        """Rank 0 writes `epoch` whole epochs and `step` steps done (more than epoch x steps per
+        epoch: a mid-epoch save), with every rank's random streams; the exports first, so that a
+        cut-off save is redone, exports included, by the resumed run."""
+        rngs = [rng_state(self.state.aug, self.device)]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state(self.state.aug, self.device))
+        if self.rank != 0:
+            return
+        if exports:
+            self.export()
+        online, s = unwrap(self.state.model), self.state
+        save_atomic({"model": online.state_dict(), "target": s.target.state_dict() if s.target else None,
+                     "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+                     "epoch": epoch, "step": step, "rng": rngs, "args": self.settings}, self.path)
+
+    def export(self):
+        for name, obj in self.exports(unwrap(self.state.model)).items():
+            save_atomic(obj, os.path.join(self.folder, name))
+
+    def resume(self, path=None, restart=False, allow_changed=False):
+        """(epoch, step) to start from: PATH, else FOLDER/checkpoint.pth unless `restart`, else
+        (0, 0). Rank 0 then clears what runs cut short left: partial saves, log records after the
+        checkpoint."""
+        path = on_rank0(lambda: path or (self.path if os.path.exists(self.path) and not restart else None))
+        epoch, step = self.load(path, allow_changed) if path else (0, 0)
+        if self.rank == 0:
+            if path:
+                print(f"resumed from {path} at epoch {epoch}, step {step}", flush=True)
+            elif restart:
+                print(f"--restart: starting afresh in {self.folder}", flush=True)
+            remove_partial_saves(self.folder)
+            drop_log_records_after(os.path.join(self.folder, "log.jsonl"), "step", step)
+            drop_log_records_after(os.path.join(self.folder, "spectrum.jsonl"), "epoch", epoch)
+        return epoch, step
+
+    def load(self, path, allow_changed=False):
+        ckpt = read_everywhere(path, self.group)
+        step = self.resumable(ckpt, path, allow_changed)
+        s = self.state
+        try:
+            unwrap(s.model).load_state_dict(ckpt["model"])
+            if s.target is not None:
+                s.target.load_state_dict(ckpt["target"])
+            s.optimizer.load_state_dict(ckpt["optimizer"])
+            match_layouts(s.optimizer)
+            for g in s.optimizer.param_groups:   # fused on GPUs: this run's choice, not the file's
+                g["fused"] = s.optimizer.defaults["fused"]
+            if ckpt["scaler"]:       # none without fp16: a fresh one (--amp may change on resume)
+                s.scaler.load_state_dict(ckpt["scaler"])
+            resume_rng_state(ckpt["rng"], self.rank, s.aug, self.device)
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
+            fail(f"checkpoint {path} does not match this run ({self.describe(self.settings)}): "
+                 f"{str(e).splitlines()[0]}")
+        return ckpt["epoch"], step
+
+    def resumable(self, ckpt, path, allow_changed):
+        """The step to continue from if `ckpt` is a training checkpoint of this network and
+        settings, else one line on what differs."""
+        if not isinstance(ckpt, dict) or "step" not in ckpt:
+            kinds = {"conv1.weight": "a bare backbone (backbone.pth)"}
+            fail(f"--resume {path} holds {file_kind(ckpt, kinds)}, not a training checkpoint.pth")
+        now = self.settings
+        made = {**now, **(ckpt.get("args") or {})}   # what the file does not record counts as this run's
+        if self.describe(made) != self.describe(now):
+            fail(f"checkpoint {path} does not match this run: it holds {self.describe(made)}, this "
+                 f"run builds {self.describe(now)}")
+        diffs = [f"{k.replace('_', '-')} {made[k]} -> {v}" for k, v in now.items()
+                 if k not in self.free and made[k] != v]
+        if not diffs:
+            return ckpt["step"]
+        if not allow_changed:
+            fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): run with "
+                 f"those, use another --output-dir, add --restart to start afresh, or add "
+                 f"--allow-changed-args to continue with these")
+        # the same point of the same epoch, in this run's steps (the schedules follow step / all steps)
+        step = round(ckpt["step"] * now["steps_per_epoch"] / made["steps_per_epoch"])
+        if self.rank == 0:
+            print(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt['epoch']} "
+                  f"at step {step} (step {ckpt['step']} in the file)")
+        return step
+
+
+class Guard:
+    """What a long run survives, behind two calls of the training loop: after_step() counts
+    non-finite losses and unreadable images and saves mid-epoch when a stop signal came or a save
+    is due (then exits on the signal); end_epoch() saves the epoch. Between counter reads every
+    `check_every` steps, nothing here waits for the GPU."""
+
+    def __init__(self, checkpoints, images, max_bad_files, max_nonfinite, save_every_minutes,
+                 check_every, nonfinite_hint="lower --lr"):
+        self.ckpt, self.images, self.group = checkpoints, images, checkpoints.group
+        self.max_nonfinite, self.hint, self.check_every = max_nonfinite, nonfinite_hint, check_every
+        self.every_s, self.last_save = 60 * save_every_minutes, time.time()
+        self.stop, self.unreadable = StopSignals(), Unreadable(max_bad_files)
+        self.nonfinite = torch.zeros(3, device=checkpoints.device)   # skipped, current run, longest
+        self.stopping, self.bad_files = False, 0
+
+    def after_step(self, epoch, step, loss, problems, last):
+        count_nonfinite(self.nonfinite, loss)
+        due = self.every_s and time.time() - self.last_save > self.every_s
+        stopping, due, bad = agree([self.stop.signum, due, self.unreadable.add(problems)], self.group)
+        self.stopping, self.bad_files = bool(stopping), self.bad_files + bad
+        self.unreadable.check(self.bad_files, self.images, self.ckpt.rank)
+        if step % self.check_every == 0:
+            self.check_nonfinite(step)
+        if (self.stopping or due) and not last:     # mid-epoch (an epoch's end saves anyway)
+            self.save(epoch, step)
+            self.stop_if_asked(step)
+
+    def check_nonfinite(self, step):
+        lr = self.ckpt.state.optimizer.param_groups[0]["lr"]
+        check_nonfinite(self.nonfinite, self.max_nonfinite, step, lr, self.ckpt.rank, self.hint)
+
+    def save(self, epoch, step, exports=False):
+        """Never weights after a divergence: the last finite checkpoint stays."""
+        self.check_nonfinite(step)
+        s = self.ckpt.state
+        if agree([not finite(unwrap(s.model), s.target)], self.group)[0]:
+            lr = s.optimizer.param_groups[0]["lr"]
+            exit_all(self.ckpt.rank, f"error: weights not finite at step {step} (lr {lr:.4g}): not "
+                                     f"saved, {self.ckpt.path} keeps the last finite ones")
+        self.ckpt.save(epoch, step, exports)
+        self.last_save = time.time()
+
+    def end_epoch(self, epoch, step):
+        """Saves the epoch (checkpoint and exports); returns its counts, reset for the next."""
+        self.save(epoch, step, exports=True)
+        counts = {"unreadable": self.bad_files, "nonfinite": int(self.nonfinite[0])}
+        self.bad_files = 0
+        self.nonfinite[0] = 0
+        return counts
+
+    def stop_if_asked(self, step):
+        if self.stopping:
+            self.stop.exit(self.ckpt.rank, step, self.ckpt.path, self.group)
+
+    def close(self):
+        self.stop.restore()
 
 
 # ----------------------------------------------------------------------------- k-NN and linear probe on frozen features
 @torch.no_grad()
-def features(backbone, dataset, device, batch_size=1000, workers=0, unreadable=None):
+def features(backbone, dataset, device, batch_size=1000, workers=0, unreadable=None, log=None,
+             label="features: batch"):
     """RAW (not normalised) features of the backbone in eval mode, and the labels; unreadable
-    files are replaced (and counted by `unreadable`, an Unreadable, if given)."""
+    files are replaced (and counted by `unreadable`, an Unreadable, if given). With `log`, the
+    pass reports its progress (progress); without, it is silent (the online monitor)."""
     backbone.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate)
     batches = unreadable.batches(loader) if unreadable else ((x, y) for x, y, _ in loader)
+    if log is not None:
+        batches = progress(batches, len(loader), label, log)
     out = [(backbone(x.to(device)).float(), y.to(device)) for x, y in batches]
     return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
 
@@ -665,12 +1179,130 @@ def train_probe(x, y, xv, yv, classes, epochs, lr=1e-2, batch_size=1000, every=5
     return acc1, acc5
 
 
-def monitor(backbone, pair, device):
+def spectrum(x):
+    """Of the covariance of x's rows (the whitened variables, float64): its condition number
+    λmax/λmin (capped at 1e12: singular), effective rank exp(entropy(λ/Σλ)) and eigenvalues λ,
+    largest first; None and [] where it is not finite (the batch of a skipped step)."""
+    k, n = x.shape
+    cov = (x @ x.T if k <= n else x.T @ x) / (n - 1)
+    if not torch.isfinite(cov).all():
+        return {"cond": None, "erank": None, "eigenvalues": []}
+    lam = torch.linalg.eigvalsh(cov).clamp_min(0)
+    lam = torch.cat([lam, lam.new_zeros(k - len(lam))])   # the Gram misses k - n zeros
+    p = lam / lam.sum()
+    erank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).item()
+    cond = (lam.max() / lam.min().clamp_min(lam.max() * 1e-12)).item()
+    return {"cond": cond, "erank": erank, "eigenvalues": [float(f"{v:.5g}") for v in lam.flip(0).tolist()]}
+
+
+def monitor(backbone, pair, device, workers=0):
     """The online monitor on pair = (bank, queries): the 5-NN top-1 (%) of the queries (the
     authors' small-data k-NN) and that of a linear probe trained on the bank's features
     (train_probe, 100 epochs), each from the same features, computed once."""
     with torch.random.fork_rng(devices=[]):     # the training run's random streams are untouched
-        (fb, lb), (fq, lq) = (features(backbone, ds, device) for ds in pair)    # (loaders draw a seed)
+        (fb, lb), (fq, lq) = (features(backbone, ds, device, workers=workers) for ds in pair)
         torch.manual_seed(0)
         linear = train_probe(fb, lb, fq, lq, int(lb.max()) + 1, 100, every=100, report=lambda rec: None)[0]
     return {"knn5_top1": 100 * (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item(), "linear_top1": linear}
+
+
+# ----------------------------------------------------------------------------- synchronised BatchNorm
+# Every rank has an equal, non-empty batch (the sampler drops the last partial one), so the global
+# count is the local one times the world size: one all-reduce per BN layer and direction, and the
+# host never waits for the GPU (torch's nn.SyncBatchNorm all-gathers counts and masks them).
+def reduced_dims(x):
+    """Every dimension of x but the channels (dim 1): those BN averages over."""
+    return [0, *range(2, x.dim())]
+
+
+def per_channel(v, x):
+    """A per-channel vector shaped to broadcast against x ([N, C] or [N, C, H, W])."""
+    return v.view(1, -1, *[1] * (x.dim() - 2))
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """BN over the batches of every rank: returns y, the global mean and the biased global
+    variance. Statistics and gradients are accumulated in float32 (float64 for float64 input),
+    as cuDNN's BN does for 16-bit input; y and the input gradient keep the input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf, dims = x.to(acc), reduced_dims(x)
+        sums = torch.cat([xf.sum(dims), xf.square().sum(dims)])
+        dist.all_reduce(sums)               # [sum x, sum x^2] of every rank, in one call
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        mean, mean_sq = (sums / n).chunk(2)
+        var = (mean_sq - mean.square()).clamp_min(0)     # rounding may make it a hair negative
+        invstd = (var + eps).rsqrt()
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
+        y = xf * per_channel(scale, x) + per_channel(shift, x)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.n = n
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        """The exact BN input gradient over the global batch; the weight and bias gradients are
+        this rank's own sums, like torch's SyncBatchNorm: DDP's average over ranks then equals
+        the gradient of one process on the global batch."""
+        x, weight, mean, invstd = ctx.saved_tensors
+        acc, dims = mean.dtype, reduced_dims(x)
+        x_hat = (x.to(acc) - per_channel(mean, x)) * per_channel(invstd, x)
+        dyf = dy.to(acc)
+        sum_dy, sum_dy_x_hat = dyf.sum(dims), (dyf * x_hat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_x_hat])
+            dist.all_reduce(sums)           # [sum dy, sum dy x_hat] of every rank, in one call
+            g_dy, g_dy_x_hat = (sums / ctx.n).chunk(2)
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            dx = dyf - per_channel(g_dy, x) - x_hat * per_channel(g_dy_x_hat, x)
+            dx = (dx * per_channel(scale, x)).to(x.dtype)
+        affine = weight is not None
+        dw = sum_dy_x_hat.to(weight.dtype) if affine and ctx.needs_input_grad[1] else None
+        db = sum_dy.to(weight.dtype) if affine and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """nn.BatchNorm1d/2d whose training batch is that of every rank; plain BN in eval mode and
+    in a single process. Same parameters, buffers and state_dict keys as nn.BatchNorm."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected an [N, C, ...] input, got {x.dim()}-d")
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        y, mean, var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:    # as nn.BatchNorm: the unbiased variance, momentum 0.1
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                # momentum None: the cumulative average, without reading the count on the host
+                m = 1 / self.num_batches_tracked if self.momentum is None else self.momentum
+                n = x.numel() // x.shape[1] * dist.get_world_size()
+                unbiased = var * (n / (n - 1))
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+        return y
+
+
+def convert_sync_batchnorm(module):
+    """module with every nn.BatchNorm1d/2d replaced by a SyncBatchNorm that shares its
+    parameters and buffers (the module itself if it is one)."""
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        sync = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        shared = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in shared:
+            setattr(sync, name, t)
+        return sync.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child))
+    return module
