@@ -3,7 +3,7 @@
 SimCLR 1 % / 10 % subsets, and k-NN.
 
     python eval_linear.py --data fashion-mnist --arch resnet18 --pretrained runs/quick-start/backbone.pth
-    torchrun --nproc_per_node=8 eval_linear.py --data /imagenet --pretrained runs/intl/backbone.pth --lr 0.4
+    torchrun --nproc_per_node=8 eval_linear.py --data /imagenet --pretrained runs/intl/backbone.pth --lr-classifier 0.4
     torchrun --nproc_per_node=8 eval_linear.py --data /imagenet --pretrained runs/intl/backbone.pth \\
         --weights finetune --train-subset 1percent.txt --lr-classifier 0.2 --lr-backbone 0.004
     python eval_linear.py --data fashion-mnist --arch resnet18 --pretrained runs/quick-start/backbone.pth --knn
@@ -13,39 +13,30 @@ Modelled on Barlow Twins' evaluate.py and DINO's eval_linear.py / eval_knn.py.
 """
 import argparse
 import contextlib
-import functools
 import hashlib
 import math
 import os
 import pickle
 import time
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torchvision import transforms as T
 
 import utils
 from intl import CIFAR_NORM, MEAN, STD, resnet_backbone
-from utils import (CPU_CORES, SMALL_DATA, check_ranges, eval_side, eval_transform, fail, features, file_kind,
-                   knn_predict, labelled_images, load_checkpoint, make_output_dir, memory_format, on_rank0,
-                   random_subset, save_atomic, setup_distributed, train_probe)
+from utils import (SMALL_DATA, check_ranges, eval_side, eval_transform, fail, features,
+                   knn_predict, labelled_images, load_checkpoint, memory_format, on_rank0, random_subset,
+                   setup_distributed, train_probe)
 
 CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))   # the authors' test-time
 #                                                    normalisation, for CIFAR-10 and CIFAR-100 alike
 KNN = [("knn5_euclidean_majority_top1", 5, None, "5-NN Euclidean majority (raw features)"),
        ("knn20_cosine_weighted_top1", 20, 0.07,
         "20-NN cosine, exp(cos/0.07)-weighted (normalised features)")]
-
-# unreadable images: replaced in their batches, reported once, counted per epoch (--max-bad-files)
-UNREADABLE = utils.Unreadable(max_fraction=0.01)
-
-
-def write_log(args, rank, rec):
-    """A record of this evaluation in OUTPUT_DIR/log.jsonl, from rank 0."""
-    if rank == 0:
-        utils.write_log(args.output_dir, rec)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -60,7 +51,8 @@ def backbone_state(path, momentum_encoder=False):
     (online or momentum encoder), our backbone.pth, the authors' checkpoint, or a plain
     torchvision state_dict (fc dropped). Also returns how the file says it was trained."""
     if not os.path.isfile(path):
-        fail(f"--pretrained {path}: no such file")
+        fail(f"--pretrained {path}: " + ("is a directory, not a checkpoint file" if os.path.isdir(path)
+                                         else "no such file"))
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         fail(f"--pretrained {path} holds a {type(ckpt).__name__}, not a checkpoint or a state_dict")
@@ -156,51 +148,59 @@ def datasets(args, small_images):
     return random_subset(train, args.subset), val, classes
 
 
-def shard(dataset, rank, world):
-    """Every world-th image from rank on: the shards cover the set exactly once, no padding."""
-    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-
-
-def sum_over_ranks(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 def bf16(device):
     """bf16 autocast on GPUs that have it; fp32 elsewhere."""
     on = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
+class Run(NamedTuple):
+    """What each part of an evaluation needs: this process's place, the settings, the progress
+    lines and records, the stop signals and the count of unreadable files."""
+    rank: int
+    world: int
+    device: torch.device
+    args: argparse.Namespace
+    progress: utils.Progress
+    signals: utils.StopSignals
+    unreadable: utils.Unreadable
+
+
+def pass_features(backbone, dataset, name, run, stop_here=True):
+    """Raw features and labels of a whole set, on every rank (each rank encodes its shard; the
+    padding is dropped after the all-gather), and how many of its images were unreadable and
+    replaced (counted over the ranks). A stop signal ends the pass within a batch: every rank
+    stops (nothing to save: the features are computed again), or, not stop_here, None."""
+    watch = utils.PassWatch(run.unreadable, len(dataset), run.signals, utils.host_group(),
+                            f"the {name} images")
+    with bf16(run.device):
+        out = features(backbone, utils.Shard(dataset, run.rank, run.world), run.device,
+                       run.args.batch_size // run.world, run.args.workers, watch,
+                       run.progress.print, f"{name} features: batch")
+    if out is None and stop_here:
+        run.signals.exit(run.rank, f"during the {name} features: nothing is saved (they are "
+                                   f"computed again): run the same command to start again")
+    if out is None:
+        return None
+    f, y = (utils.gather(t) for t in out)
+    return f[y >= 0], y[y >= 0], watch.count
+
+
 # ----------------------------------------------------------------------------- k-NN
-def bank_features(backbone, dataset, rank, world, device, args, log=None, name="train"):
-    """Raw features of the whole set on every rank: each rank encodes a shard,
-    padded to equal length for the all-gather, the padding (label -1) dropped after.
-    With `log`, the pass reports its progress (rank 0's shard)."""
-    f, y = features(backbone, shard(dataset, rank, world), device, args.batch_size, args.workers, UNREADABLE,
-                    log, f"{name} features: batch")
-    if world == 1:
-        return f, y
-    pad = math.ceil(len(dataset) / world) - len(f)
-    f, y = utils.gather(torch.cat([f, f.new_zeros(pad, f.shape[1])])), utils.gather(F.pad(y, (0, pad), value=-1))
-    return f[y >= 0], y[y >= 0]
-
-
-def knn_eval(backbone, train, val, rank, world, device, args, log):
+def knn_eval(backbone, train, val, run):
     """Top-1 of each k-NN in KNN on frozen features: the authors' 5-NN Euclidean majority on
     raw features and DINO's 20-NN weighted cosine; queries in chunks so ImageNet's bank fits."""
-    with bf16(device):
-        bank, bank_labels = bank_features(backbone, train, rank, world, device, args, log, "train")
-        q, q_labels = features(backbone, shard(val, rank, world), device, args.batch_size, args.workers,
-                               UNREADABLE, log, "val features: batch")
+    bank, bank_labels, bad_train = pass_features(backbone, train, "train", run)
+    q, q_labels, bad_val = pass_features(backbone, val, "val", run)
     if any(k > len(bank) for _, k, _, _ in KNN):
-        log(f"note: the bank holds {len(bank)} images; each k larger than that is clamped to {len(bank)}")
-    result = {}
+        run.progress.print(f"note: the bank holds {len(bank)} images; each k larger than that is "
+                           f"clamped to {len(bank)}")
+    result = {"unreadable": bad_train + bad_val}
     for key, k, temperature, _ in KNN:
-        pred = knn_predict(bank, bank_labels, q, k, temperature, args.knn_chunk)
-        correct = sum_over_ranks((pred == q_labels).sum().double())
-        result[key] = 100 * correct.item() / len(val)
+        pred = knn_predict(bank, bank_labels, q, k, temperature, run.args.knn_chunk)
+        result[key] = 100 * (pred == q_labels).double().mean().item()
+    run.progress.print(f"k-NN on {len(val)} val images, bank of {len(train)}: "
+                   + ", ".join(f"{label} top-1 {result[key]:.2f}%" for key, _, _, label in KNN))
     return result
 
 
@@ -215,57 +215,92 @@ def lr_factor(epoch, epochs, schedule):
     return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def logits(model, x, finetune):
-    """Class scores. Linear protocol: the frozen backbone runs under no_grad and the linear
-    layer in fp32; fine-tuning: the whole network under autocast."""
-    if finetune:
-        with bf16(x.device):
-            return model(x).float()
-    backbone, head = model
-    with torch.no_grad(), bf16(x.device):
-        f = backbone(x)
-    return head(f.float())
+class Classifier(nn.Module):
+    """The backbone, then a linear classifier in float32. Linear protocol: the backbone frozen,
+    in eval mode (BN statistics fixed) and without autograd; fine-tuning: trained with it."""
+
+    def __init__(self, backbone, head, finetune):
+        super().__init__()
+        self.backbone, self.head, self.finetune = backbone, head, finetune
+
+    def forward(self, x):
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), bf16(x.device):
+            f = self.backbone(x)
+        return self.head(f.float())
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.train(mode and self.finetune)
+        return self
 
 
-def train_epoch(model, optimizer, loader, epoch, args, device, log):
-    """One pass over the training set; returns the mean loss of this rank."""
+def build_state(backbone, dim, classes, args, device, world):
+    """The classifier, N(0, 0.01) weights and zero bias as the authors, on the backbone (trained
+    too with finetune), in DDP; SGD with momentum 0.9, no weight decay, lr × batch/256."""
     finetune = args.weights == "finetune"
-    model.train(finetune)   # linear protocol: the whole backbone stays in eval mode (BN frozen)
-    mem = memory_format(device)
-    total, t_last, seen = 0.0, time.time(), 0
-    for i, (x, y) in enumerate(UNREADABLE.batches(loader)):
-        x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(logits(model, x, finetune), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        seen += len(x)
-        if (i + 1) % args.print_freq == 0 or i == len(loader) - 1:
-            log(f"ep {epoch + 1}/{args.epochs} step {i + 1}/{len(loader)} loss {loss.item():.4f} "
-                f"lr {optimizer.param_groups[0]['lr']:.4g} {seen / (time.time() - t_last):.0f} img/s/rank",
-                flush=True)
-            t_last, seen = time.time(), 0
-    return total / max(1, len(loader))
+    head = nn.Linear(dim, classes).to(device)
+    head.weight.data.normal_(0, 0.01)
+    head.bias.data.zero_()
+    model = Classifier(backbone, head, finetune)
+    if world > 1:       # fine-tuning's BN statistics: rank 0's on every rank, as DDP keeps them
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, broadcast_buffers=finetune)
+    groups = [{"params": list(head.parameters()), "base_lr": args.lr_classifier * args.batch_size / 256}]
+    if finetune:
+        groups.append({"params": list(backbone.parameters()),
+                       "base_lr": args.lr_backbone * args.batch_size / 256})
+    optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, weight_decay=0)
+    utils.zero_momentum(optimizer)     # buffers exist before a first step that may be skipped
+    return utils.TrainState(model, optimizer=optimizer, device=device,
+                            best={"acc1": 0.0, "acc5": 0.0, "epoch": 0})
+
+
+def train_step(state, x, y):
+    """One SGD step on the cross-entropy, skipped on the device (BN statistics put back too) when
+    the loss of any rank is not finite. Returns the global batch's loss."""
+    saved = utils.buffers_of(utils.unwrap(state.model))
+    loss = F.cross_entropy(state.model(x), y)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    loss = utils.mean_over_ranks(loss.detach())
+    utils.restore_if_not_finite(saved, loss)
+    utils.step_if_finite(state.optimizer, loss)
+    return loss
+
+
+def train_one_epoch(state, loader, epoch, step, run, guard):
+    """One pass over the training set from where a checkpoint left it; returns the global step."""
+    args, progress = run.args, run.progress
+    state.train()
+    loader.sampler.set_epoch(epoch)
+    steps = len(loader)
+    first = step - epoch * steps                     # > 0: resumed mid-epoch
+    loader.sampler.skip = first * loader.batch_size
+    if first == 0:      # the crops of an epoch: the same whatever the number of restarts
+        torch.manual_seed(args.seed + epoch * run.world + run.rank)
+    for g in state.optimizer.param_groups:
+        g["lr"] = g["base_lr"] * lr_factor(epoch, args.epochs, args.schedule)
+    mem = memory_format(state.device)
+    for i, (x, y, problems) in progress.batches(loader, epoch, first):
+        x = x.to(state.device, non_blocking=True, memory_format=mem)
+        loss = train_step(state, x, y.to(state.device, non_blocking=True))
+        step += 1
+        progress.step(i, step, args.batch_size, loss=loss, lr=state.optimizer.param_groups[0]["lr"])
+        guard.after_step(epoch, step, loss, problems, last=i == steps - 1)
+    return step
 
 
 @torch.no_grad()
-def evaluate(backbone, head, val, rank, world, device, args):
-    """Top-1 and top-5 (%) on the whole val set: each rank scores a shard, hits summed."""
-    backbone.eval()
-    mem = memory_format(device)
-    loader = torch.utils.data.DataLoader(shard(val, rank, world), batch_size=args.batch_size // world,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         collate_fn=utils.collate)
-    hits = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in UNREADABLE.batches(loader):
-        x, y = x.to(device, non_blocking=True, memory_format=mem), y.to(device, non_blocking=True)
-        with bf16(device):
-            f = backbone(x)
-        top = head(f.float()).topk(min(5, head.out_features), dim=1).indices == y[:, None]
-        hits += torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
-    hits = sum_over_ranks(hits)
-    return (100 * hits / len(val)).tolist()
+def evaluate(model, val, run):
+    """Top-1 and top-5 (%) on the whole val set, each rank encoding a shard, and the number of
+    unreadable images replaced; None when a stop signal comes."""
+    classifier = utils.unwrap(model)
+    out = pass_features(classifier.backbone, val, "val", run, stop_here=False)
+    if out is None:
+        return None
+    f, y, unreadable = out
+    top = classifier.head(f).topk(min(5, classifier.head.out_features), dim=1).indices == y[:, None]
+    return 100 * top[:, 0].double().mean().item(), 100 * top.any(dim=1).double().mean().item(), unreadable
 
 
 def full_state(backbone, head):
@@ -273,29 +308,37 @@ def full_state(backbone, head):
     return {**backbone.state_dict(), "fc.weight": head.weight.detach(), "fc.bias": head.bias.detach()}
 
 
+def exports(state):
+    """best.pth, written when the val top-1 improves: the backbone and the classifier as one
+    torchvision state_dict, on the CPU."""
+    classifier = utils.unwrap(state.model)
+    return {"best.pth": {k: v.cpu() for k, v in full_state(classifier.backbone, classifier.head).items()}}
+
+
 # ----------------------------------------------------------------------------- linear probe on features
-def features_protocol(backbone, train, val, classes, rank, world, device, args, log):
+def features_protocol(backbone, train, val, classes, run):
     """The small-data linear protocol: features of the frozen backbone (eval mode, test-time
     transform) computed once, in batches of --batch-size, then train_probe on them."""
+    args, progress = run.args, run.progress
     t0 = time.time()
-    x, y = bank_features(backbone, train, rank, world, device, args, log, "train")
-    xv, yv = bank_features(backbone, val, rank, world, device, args, log, "val")
-    log(f"linear probe on features: {len(x)} train / {len(xv)} val images, {x.shape[1]} features, "
-        f"computed once in {time.time() - t0:.0f} s; Adam, lr {args.lr:g} -> 1e-6 exponentially over "
-        f"{args.epochs} epochs, batches of {args.batch_size}", flush=True)
+    x, y, bad_train = pass_features(backbone, train, "train", run)
+    xv, yv, bad_val = pass_features(backbone, val, "val", run)
+    progress.print(f"linear probe on features: {len(x)} train / {len(xv)} val images, {x.shape[1]} "
+                   f"features, computed once in {time.time() - t0:.0f} s; Adam, lr {args.lr_classifier:g} -> 1e-6 "
+                   f"exponentially over {args.epochs} epochs, batches of {args.batch_size}")
 
     def report(rec):
-        log(f"epoch {rec['epoch']}/{args.epochs}: loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
-            f"top-1 {rec['acc1']:.2f}% top-5 {rec['acc5']:.2f}%", flush=True)
-        write_record(args, rank, rec)
+        progress.print(f"epoch {rec['epoch']}/{args.epochs}: loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+                       f"top-1 {rec['acc1']:.2f}% top-5 {rec['acc5']:.2f}%")
+        progress.record({**rec, "backbone": backbone_id(args)})
 
     torch.manual_seed(args.seed)   # the same probe on every rank (each has all the features)
-    acc1, acc5 = train_probe(x, y, xv, yv, classes, args.epochs, args.lr, args.batch_size,
+    acc1, acc5 = train_probe(x, y, xv, yv, classes, args.epochs, args.lr_classifier, args.batch_size,
                              args.print_freq, report)
-    result = {"protocol": "features", "epochs": args.epochs, "acc1": acc1, "acc5": acc5}
-    log(f"linear probe on features: top-1 {acc1:.2f}%, top-5 {acc5:.2f}% after {args.epochs} epochs")
-    write_record(args, rank, result)
-    return result
+    progress.print(f"linear probe on features: top-1 {acc1:.2f}%, top-5 {acc5:.2f}% after "
+                   f"{args.epochs} epochs")
+    return {"protocol": "features", "epochs": args.epochs, "acc1": acc1, "acc5": acc5,
+            "unreadable": bad_train + bad_val}
 
 
 # ----------------------------------------------------------------------------- detectron2 weights
@@ -336,70 +379,63 @@ def export_detectron2(args):
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    # each help states its default once, in words where the default depends on the mode or machine
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="DIR with DIR/train and DIR/val (ImageNet layout), fashion-mnist, "
-                                  "cifar10 or cifar100 (required, except with --export-detectron2)")
-    p.add_argument("--arch", default="resnet50", help="a torchvision ResNet (default: %(default)s)")
-    p.add_argument("--small-images", action="store_true",
-                   help="3x3 stem, no max-pool (implied when --pretrained has a 3x3 conv1)")
-    p.add_argument("--pretrained", help="checkpoint.pth, backbone.pth, the authors' checkpoint or a "
-                                        "torchvision state_dict (default: a random backbone)")
-    p.add_argument("--momentum-encoder", action="store_true",
-                   help="evaluate the momentum (target) backbone of an INTL-M checkpoint")
-    p.add_argument("--weights", choices=["freeze", "finetune"], default="freeze",
-                   help="freeze: linear protocol; finetune: semi-supervised (default: %(default)s)")
-    p.add_argument("--protocol", choices=["images", "features"],
-                   help="linear protocol: SGD on augmented images through the frozen backbone, or Adam "
-                        "on its features computed once (default: features for fashion-mnist and "
-                        "CIFAR, images otherwise)")
-    p.add_argument("--train-subset", help="SimCLR subset list (1percent.txt, 10percent.txt) "
-                                          "(default: every training image)")
-    p.add_argument("--subset", type=int, default=0,
-                   help="train on a fixed random subset of N images (default: 0, all of them)")
-    p.add_argument("--knn", action="store_true", help="only k-NN: 5-NN Euclidean majority (raw "
-                   "features) and 20-NN cosine exp(cos/0.07)-weighted (normalised features) top-1")
-    p.add_argument("--knn-chunk", type=int, default=256,
-                   help="queries per similarity block (default: %(default)s)")
-    p.add_argument("--epochs", type=int,
-                   help="training epochs (default: 100 on images, 500 with --protocol features, "
-                        "20 with finetune)")
-    p.add_argument("--stop-epoch", type=int, default=0, help="stop after this epoch (schedules still "
-                   "span --epochs); resume later (default: 0, run to the end)")
-    p.add_argument("--schedule", choices=["const", "step", "cos"],
-                   help="the lr schedule (default: step for the linear protocol on images, const for "
-                        "finetune; --protocol features decays exponentially)")
-    p.add_argument("--batch-size", type=int,
-                   help="global batch size (default: 256, 1000 with --protocol features)")
-    p.add_argument("--lr-classifier", "--lr", dest="lr", type=float,
-                   help="the classifier's lr in every protocol; --lr is the same flag (default: 0.4 per "
-                        "256 images for the linear protocol on images, 0.2 per 256 images with "
-                        "finetune, 0.01 with --protocol features, Adam's, decaying to 1e-6)")
-    p.add_argument("--lr-backbone", type=float, default=0.004,
-                   help="backbone lr per 256 images with finetune (default: 0.004, for INTL-M "
-                        "checkpoints; 0.006 suits INTL ones)")
-    p.add_argument("--workers", type=int, default=min(8, CPU_CORES),
-                   help="data workers per process (default: the CPU cores, at most 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation, the "
-                   "random backbone, the data order and the crops (default: %(default)s)")
-    p.add_argument("--print-freq", type=int, default=50,
-                   help="steps (features: epochs) between progress lines (default: %(default)s)")
-    p.add_argument("--output-dir", default="runs/eval", help="the folder of log.jsonl, checkpoint.pth "
-                   "and best.pth (default: %(default)s)")
-    p.add_argument("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
-    p.add_argument("--restart", action="store_true",
-                   help="start afresh even if OUTPUT_DIR/checkpoint.pth exists (it is replaced after "
-                        "epoch 1); the old log.jsonl is renamed log.jsonl.old")
-    p.add_argument("--allow-changed-args", action="store_true",
-                   help="resume a checkpoint made with other settings, continuing with this run's "
-                        "(the backbone file's content must be the same)")
-    p.add_argument("--export-detectron2", metavar="OUT.pkl",
-                   help="only write the --pretrained backbone as detectron2 weights (MoCo's names and "
-                        "pickle) to OUT.pkl, for detection/train_net.py; no data needed")
-    p.error = lambda msg: fail(f"{msg} (see --help)")     # one line, not the whole usage
-    p.add_argument("--max-bad-files", type=float, default=0.01,
-                   help="stop when more than this fraction of a pass's images are unreadable "
-                        "(default: %(default)s)")
+    # each help states its default once (utils.HelpFormatter), in words where it depends on the mode
+    p = utils.argument_parser(__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--data", help="DIR with DIR/train and DIR/val (ImageNet layout), fashion-mnist, cifar10 or "
+        "cifar100 (required, except with --export-detectron2)")
+    add("--arch", default="resnet50", help="a torchvision ResNet")
+    add("--small-images", action="store_true", help="3x3 stem, no max-pool (implied when --pretrained "
+        "has a 3x3 conv1)")
+    add("--pretrained", help="checkpoint.pth, backbone.pth, the authors' checkpoint or a torchvision "
+        "state_dict (default: a random backbone)")
+    add("--momentum-encoder", action="store_true", help="evaluate the momentum (target) backbone of "
+        "an INTL-M checkpoint")
+    add("--weights", choices=["freeze", "finetune"], default="freeze", help="freeze: linear protocol; "
+        "finetune: semi-supervised")
+    add("--protocol", choices=["images", "features"], help="linear protocol: SGD on augmented images "
+        "through the frozen backbone, or Adam on its features computed once (default: features for "
+        "fashion-mnist and CIFAR, images otherwise)")
+    add("--train-subset", help="SimCLR subset list (1percent.txt, 10percent.txt) (default: every "
+        "training image)")
+    add("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
+    add("--knn", action="store_true", help="only k-NN: 5-NN Euclidean majority (raw features) and "
+        "20-NN cosine exp(cos/0.07)-weighted (normalised features) top-1")
+    add("--knn-chunk", type=int, default=256, help="queries per similarity block")
+    add("--epochs", type=int, help="training epochs (default: 100 on images, 500 with --protocol "
+        "features, 20 with finetune)")
+    add("--stop-epoch", type=int, default=0, help="stop after this epoch (schedules still span "
+        "--epochs; 0: the last); resume later")
+    add("--schedule", choices=["const", "step", "cos"], help="the lr schedule (default: step for the "
+        "linear protocol on images, const for finetune; --protocol features decays exponentially)")
+    add("--batch-size", type=int, help="global batch size (default: 256, 1000 with --protocol features)")
+    add("--lr-classifier", "--lr", type=float, help="the classifier's lr in every protocol; --lr is "
+        "the same flag (default: 0.4 per 256 images for the linear protocol on images, 0.2 per 256 "
+        "images with finetune, 0.01 with --protocol features, Adam's, decaying to 1e-6)")
+    add("--lr-backbone", type=float, default=0.004, help="backbone lr per 256 images with finetune "
+        "(default: 0.004, for INTL-M checkpoints; 0.006 suits INTL ones)")
+    add("--workers", type=int, default=utils.default_workers(), help="data workers per process "
+        "(default: the node's CPU cores shared among its processes, at most 8)")
+    add("--seed", type=int, default=0, help="seed of the classifier's initialisation, the random "
+        "backbone, the data order and the crops")
+    add("--print-freq", type=int, default=50, help="steps (features: epochs) between progress lines")
+    add("--output-dir", default="runs/eval", help="the run folder: log.jsonl, log.txt, args.json, "
+        "checkpoint.pth, best.pth, done")
+    add("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if present)")
+    add("--restart", action="store_true", help="start afresh even if OUTPUT_DIR/checkpoint.pth exists "
+        "(it is replaced after the first save); the old log.jsonl is renamed log.jsonl.old")
+    add("--allow-changed-args", action="store_true", help="resume a checkpoint made with other "
+        "settings, continuing with this run's (the backbone file's content must be the same)")
+    add("--save-every-minutes", type=float, default=0, help="also save mid-epoch this often, against "
+        "kill -9 (0: at each epoch's end only)")
+    add("--max-bad-files", type=float, default=0.01, help="stop past this fraction of a pass unreadable")
+    add("--max-nonfinite", type=int, default=20, help="stop after N non-finite losses in a row")
+    add("--tensorboard", action="store_true", help="also write the logged figures to "
+        "OUTPUT_DIR/tensorboard (needs the tensorboard package)")
+    add("--dist-timeout", type=float, default=30, help="minutes a process waits for the others")
+    add("--export-detectron2", metavar="OUT.pkl", help="only write the --pretrained backbone as "
+        "detectron2 weights (MoCo's names and pickle) to OUT.pkl, for detection/train_net.py; no "
+        "data needed")
     args = p.parse_args(argv)
     if args.export_detectron2 and not args.pretrained:
         fail("--export-detectron2 needs --pretrained (the backbone to convert)")
@@ -419,17 +455,20 @@ def parse_args(argv=None):
     args.schedule = args.schedule or ("const" if finetune else "step")
     if args.batch_size is None:
         args.batch_size = 1000 if on_features else 256
-    if args.lr is None:
-        args.lr = 0.2 if finetune else 0.01 if on_features else 0.4
-    check_ranges(args, {"positive": "epochs batch_size knn_chunk print_freq lr",
-                        "0 or more": "subset stop_epoch workers lr_backbone"})
+    if args.lr_classifier is None:
+        args.lr_classifier = 0.2 if finetune else 0.01 if on_features else 0.4
+    check_ranges(args, {"positive": "epochs batch_size knn_chunk print_freq lr_classifier lr_backbone "
+                                    "max_nonfinite dist_timeout",
+                        "0 or more": "subset stop_epoch workers save_every_minutes",
+                        "in [0, 1]": "max_bad_files"})
     return args
 
 
 # What a resumed run may change: it does not change what is computed (the backbone file may move,
-# its content may not).
+# its content may not: describe() names it by its sha256).
 FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "restart", "stop_epoch", "knn_chunk",
-                  "pretrained", "pretrained_sha256", "allow_changed_args", "export_detectron2"}
+                  "pretrained", "pretrained_sha256", "allow_changed_args", "export_detectron2",
+                  "save_every_minutes", "max_bad_files", "max_nonfinite", "tensorboard", "dist_timeout"}
 
 
 def file_sha256(path):
@@ -441,137 +480,83 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def backbone_file(a):
-    """The backbone a run was made from, in words: its file and content hash, or a random one."""
-    return f"{a['pretrained']} (sha256 {a['pretrained_sha256'][:12]})" if a["pretrained_sha256"] else "a random backbone"
-
-
-def write_record(args, rank, rec):
-    """utils.write_log's record, naming the backbone it came from: its file and the first 12 hex
-    of its sha256, or "random"."""
-    backbone = "random" if not args.pretrained else {
+def backbone_id(args):
+    """The backbone a record comes from: its file and the first 12 hex of its sha256, or "random"."""
+    return "random" if not args.pretrained else {
         "path": args.pretrained, "sha256": args.pretrained_sha256[:12], "momentum_encoder": args.momentum_encoder}
-    write_log(args, rank, {**rec, "backbone": backbone})
 
 
-def start_fresh_log(folder, log):
-    """--restart: the earlier run's log.jsonl becomes log.jsonl.old (replacing an older one)."""
-    path = os.path.join(folder, "log.jsonl")
-    if os.path.exists(path):
-        os.replace(path, path + ".old")
-        log(f"--restart: {path} renamed {path}.old")
+def describe(settings):
+    """What an evaluation trains, in words: a checkpoint resumes only into the same."""
+    what = "fine-tuning" if settings["weights"] == "finetune" else "the linear protocol"
+    sha = settings["pretrained_sha256"]
+    backbone = (f"the backbone with sha256 {sha[:12]}" + (" (its momentum encoder)"
+                if settings["momentum_encoder"] else "")) if sha else f"a random {settings['arch']}"
+    return f"{what} of {backbone}, {settings['classes']} classes"
 
 
-def resume_from(path, backbone, head, optimizer, args, log):
-    """Classifier, backbone and optimizer of an earlier run; returns its epoch and best top-1.
-    --allow-changed-args: other settings (never another backbone), continued with this run's."""
-    ckpt = on_rank0(lambda: load_checkpoint(path) if os.path.isfile(path) else fail(f"--resume {path}: no such file"))
-    if not isinstance(ckpt, dict) or "best" not in ckpt:
-        fail(f"--resume {path} holds {file_kind(ckpt, {'step': 'a training checkpoint'})}, not eval_linear.py's checkpoint.pth")
-    made = ckpt.get("args") or {}
-    if made.get("weights") == "finetune" and "lr_classifier" in made:   # saved when --lr was unused there
-        made = {**made, "lr": made["lr_classifier"]}
-    diffs = [f"{k.replace('_', '-')} {made[k]} -> {v}" for k, v in vars(args).items()
-             if k in made and k not in FREE_ON_RESUME and made[k] != v]
-    if made.get("pretrained_sha256", args.pretrained_sha256) != args.pretrained_sha256:
-        fail(f"checkpoint {path} was made by another run "
-             f"({', '.join([f'backbone {backbone_file(made)} -> {backbone_file(vars(args))}'] + diffs)}): "
-             f"use another --output-dir, or add --restart to start afresh")
-    if diffs and not args.allow_changed_args:
-        fail(f"checkpoint {path} was made with other settings ({', '.join(diffs)}): use another "
-             f"--output-dir, add --restart to start afresh, or --allow-changed-args to continue it "
-             f"with these")
-    if diffs:
-        log(f"--allow-changed-args: {', '.join(diffs)}; continuing after epoch {ckpt.get('epoch')}")
-    try:
-        state = dict(ckpt["model"])
-        head.load_state_dict({"weight": state.pop("fc.weight"), "bias": state.pop("fc.bias")})
-        backbone.load_state_dict(state)
-        base_lrs = [g["base_lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for g, base_lr in zip(optimizer.param_groups, base_lrs):   # this run's lr, not the file's
-            g["base_lr"] = base_lr
-        return ckpt["epoch"], ckpt["best"]
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        fail(f"checkpoint {path} does not match this run (--arch {args.arch}, --weights {args.weights}, "
-             f"{head.out_features} classes): {type(e).__name__} {str(e).splitlines()[0]}")
+def end_epoch(state, scores, epoch, step, run, guard):
+    """The best epoch so far (best.pth when it improves), the checkpoint, the epoch's line and
+    record."""
+    acc1, acc5, unreadable = scores
+    improved = acc1 > state.best["acc1"]
+    if improved:
+        state.best = {"acc1": acc1, "acc5": acc5, "epoch": epoch + 1}
+    counts = guard.end_epoch(epoch + 1, step, exports=improved)
+    counts["unreadable"] += unreadable       # the val pass's too
+    best = state.best
+    notes = [f", {n} {what}" for n, what in [(counts["unreadable"], "unreadable images replaced"),
+                                              (counts["nonfinite"], "steps skipped (loss not finite)")] if n]
+    run.progress.print(f"epoch {epoch + 1}/{run.args.epochs}: top-1 {acc1:.2f}% top-5 {acc5:.2f}% (best "
+                       f"top-1 {best['acc1']:.2f}% at epoch {best['epoch']})" + "".join(notes))
+    run.progress.record({"epoch": epoch + 1, "step": step, "lr": state.optimizer.param_groups[0]["lr"],
+                         "acc1": acc1, "acc5": acc5, "best_acc1": best["acc1"], **counts,
+                         "backbone": backbone_id(run.args)})
 
 
-def fit(backbone, dim, train, val, classes, rank, world, device, args, log):
-    """Linear protocol or fine-tuning: train, score val every epoch, checkpoint, resume."""
-    finetune = args.weights == "finetune"
-    head = nn.Linear(dim, classes).to(device)
-    head.weight.data.normal_(0, 0.01)   # N(0, 0.01), bias 0, as the authors
-    head.bias.data.zero_()
-    ddp = lambda m: nn.parallel.DistributedDataParallel(
-        m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
-    model = ddp(nn.Sequential(backbone, head)) if finetune else nn.Sequential(backbone, ddp(head))
-    scale = args.batch_size / 256   # lr × batch/256
-    groups = [{"params": list(head.parameters()),
-               "base_lr": args.lr * scale}]
-    if finetune:
-        groups.append({"params": list(backbone.parameters()), "base_lr": args.lr_backbone * scale})
-    optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, weight_decay=0)   # no weight decay
-
-    start_epoch, best = 0, {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    found = on_rank0(lambda: os.path.exists(ckpt_path))
-    resume = args.resume or (ckpt_path if found and not args.restart else None)
-    if found and args.restart and not args.resume:
-        log(f"--restart: starting afresh; {ckpt_path} is replaced after the first epoch")
-    if resume:
-        start_epoch, best = resume_from(resume, backbone, head, optimizer, args, log)
-        log(f"resumed from {resume} at epoch {start_epoch}")
-        if rank == 0:     # a run killed after its log line but before its save
-            utils.drop_log_records_after(os.path.join(args.output_dir, "log.jsonl"), "epoch", start_epoch)
-    sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size // world, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         collate_fn=utils.collate)
-    log(f"{'fine-tuning' if finetune else 'linear protocol'}: {len(train)} train / {len(val)} val "
-        f"images, {classes} classes, {world} process(es) on {device.type}, batch {args.batch_size}, "
-        f"{args.epochs} epochs ({args.schedule})", flush=True)
-    for epoch in range(start_epoch, min(args.epochs, args.stop_epoch or args.epochs)):
-        t0 = time.time()
-        torch.manual_seed(args.seed + epoch * world + rank)   # augmentation: a resumed run repeats it
-        sampler.set_epoch(epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(epoch, args.epochs, args.schedule)
-        UNREADABLE.count = 0
-        loss = train_epoch(model, optimizer, loader, epoch, args, device, log)
-        acc1, acc5 = evaluate(backbone, head, val, rank, world, device, args)
-        if acc1 > best["acc1"]:
-            best = {"acc1": acc1, "acc5": acc5, "epoch": epoch + 1}
-            if rank == 0:
-                save_atomic(full_state(backbone, head), os.path.join(args.output_dir, "best.pth"))
-        bad = int(sum_over_ranks(torch.tensor(UNREADABLE.count, device=device)))
-        rec = {"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "acc1": acc1,
-               "acc5": acc5, "best_acc1": best["acc1"], "time": time.time() - t0, "unreadable": bad}
-        log(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f} top-1 {acc1:.2f}% top-5 {acc5:.2f}% "
-            f"(best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}) {rec['time']:.0f} s"
-            + (f", {bad} unreadable images replaced" if bad else ""), flush=True)
-        write_record(args, rank, rec)
-        if rank == 0:
-            save_atomic({"model": full_state(backbone, head), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch + 1, "best": best, "args": vars(args)}, ckpt_path)
-    if start_epoch >= args.epochs:
-        log(f"already finished: {ckpt_path} is at epoch {start_epoch} of {args.epochs}")
-    log(f"best top-1 {best['acc1']:.2f}%, top-5 {best['acc5']:.2f}% (epoch {best['epoch']})")
-    return best
+def fit(backbone, dim, train, val, classes, run, folder):
+    """Linear protocol or fine-tuning: SGD on the training images, the val top-1 after every epoch,
+    the best kept (best.pth); checkpoints, resume, stop signals, unreadable files and divergence
+    as in pretraining (utils.Checkpoints, utils.Guard). Returns the result, or None (not done)
+    before the end of the schedule."""
+    args = run.args
+    state = build_state(backbone, dim, classes, args, run.device, run.world)
+    loader = utils.train_loader(train, args.batch_size, run.rank, run.world, args.seed, args.workers,
+                                run.device, drop_last=False)
+    settings = {**utils.plain(vars(args)), "steps_per_epoch": len(loader), "classes": classes}
+    ckpt = utils.Checkpoints(args.output_dir, state, settings, FREE_ON_RESUME, describe, exports,
+                             run.rank, run.world, utils.host_group(), run.device)
+    hint = "lower --lr-classifier" + (" or --lr-backbone" if args.weights == "finetune" else "")
+    guard = utils.Guard(ckpt, len(train), args.max_bad_files, args.max_nonfinite,
+                        args.save_every_minutes, args.print_freq, hint, run.signals, run.unreadable)
+    epoch, step = ckpt.resume(args.resume, args.restart, args.allow_changed_args)
+    run.progress.steps = len(loader)
+    run.progress.print(f"{'fine-tuning' if args.weights == 'finetune' else 'linear protocol'}: "
+                       f"{len(train)} train / {len(val)} val images, {classes} classes, {run.world} "
+                       f"process(es) on {run.device.type}, batch {args.batch_size}, {args.epochs} epochs "
+                       f"({args.schedule})")
+    folder.start()
+    last = min(args.epochs, args.stop_epoch or args.epochs)
+    for epoch in range(epoch, last):
+        step = train_one_epoch(state, loader, epoch, step, run, guard)
+        scores = evaluate(state.model, val, run)
+        if scores is None:      # a stop signal in the val pass: the epoch's steps are kept
+            guard.save(epoch, step)
+            guard.stop_if_asked(step)
+        end_epoch(state, scores, epoch, step, run, guard)
+        guard.stop_if_asked(step)
+    guard.close()
+    best = state.best
+    run.progress.print(f"best top-1 {best['acc1']:.2f}%, top-5 {best['acc5']:.2f}% (epoch {best['epoch']})")
+    if last < args.epochs:
+        return None
+    return {"epochs": args.epochs, "acc1": best["acc1"], "acc5": best["acc5"], "best_epoch": best["epoch"]}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.export_detectron2:
-        return export_detectron2(args)
-    rank, world, device = setup_distributed(args.batch_size)
-    log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
-    if rank == 0:
-        make_output_dir(args.output_dir)
-        if args.restart and not args.resume:
-            start_fresh_log(args.output_dir, log)
+def load_backbone(args, device):
+    """The backbone to evaluate, the same on every rank: --pretrained's (its stem read from the
+    file, the file's SHA-256 kept in args) or a random one; frozen but for fine-tuning."""
     loaded = backbone_state(args.pretrained, args.momentum_encoder) if args.pretrained else None
-    # which backbone file this run is made from (read above): each record names it, a resume checks it
     args.pretrained_sha256 = on_rank0(lambda: file_sha256(args.pretrained)) if args.pretrained else None
     if loaded and loaded[0]["conv1.weight"].shape[-1] == 3:   # the 3×3 stem of 32-px pretraining
         args.small_images = True
@@ -579,28 +564,42 @@ def main(argv=None):
     backbone, dim = resnet_backbone(args.arch, args.small_images)
     if args.pretrained:
         load_pretrained(backbone, args, loaded)
-        log(f"backbone: {args.arch} from {args.pretrained}" + (" (momentum encoder)" if args.momentum_encoder else ""))
-    else:
-        log(f"backbone: {args.arch}, randomly initialised (no --pretrained), seed {args.seed}")
-    backbone = backbone.to(device, memory_format=memory_format(device))
     backbone.requires_grad_(args.weights == "finetune" and not args.knn)
+    return backbone.to(device, memory_format=memory_format(device)), dim
+
+
+def main(argv=None):
+    """One evaluation, in its run folder (utils.RunFolder): k-NN, the linear probe on features,
+    or the linear protocol / fine-tuning on images (fit); returns its result."""
+    args = parse_args(argv)
+    if args.export_detectron2:
+        return export_detectron2(args)
+    rank, world, device = setup_distributed(args.batch_size, args.dist_timeout)
+    backbone, dim = load_backbone(args, device)
     train, val, classes = datasets(args, small_images=args.small_images or args.data in SMALL_DATA)
-    if rank == 0:
-        utils.remove_partial_saves(args.output_dir)     # of saves cut short in earlier runs
-    UNREADABLE.max_fraction, UNREADABLE.count = args.max_bad_files, 0
-    if args.knn:
-        result = knn_eval(backbone, train, val, rank, world, device, args, log)
-        result["unreadable"] = int(sum_over_ranks(torch.tensor(UNREADABLE.count, device=device)))
-        log(f"k-NN on {len(val)} val images, bank of {len(train)}: "
-            + ", ".join(f"{label} top-1 {result[key]:.2f}%" for key, _, _, label in KNN), flush=True)
-        write_record(args, rank, result)
-    elif args.protocol == "features":
-        result = features_protocol(backbone, train, val, classes, rank, world, device, args, log)
-    else:
-        result = fit(backbone, dim, train, val, classes, rank, world, device, args, log)
+    run_info = {**utils.plain(vars(args)), "classes": classes, "world_size": world, "device": device.type,
+                "torch": torch.__version__, "torchvision": torchvision.__version__}
+    with utils.RunFolder(args.output_dir, rank, run_info) as folder:
+        progress = utils.Progress(args.output_dir, rank, 1, args.epochs, args.print_freq, args.tensorboard)
+        run = Run(rank, world, device, args, progress, utils.StopSignals(), utils.Unreadable(args.max_bad_files))
+        progress.print(f"backbone: {args.arch}, {args.pretrained or f'random (seed {args.seed})'}"
+                       + " (momentum encoder)" * args.momentum_encoder)
+        if args.knn or args.protocol == "features":      # minutes: no checkpoints
+            if args.restart and rank == 0:
+                utils.start_afresh(args.output_dir)
+            folder.start()
+            result = (knn_eval(backbone, train, val, run) if args.knn
+                      else features_protocol(backbone, train, val, classes, run))
+            progress.record({**result, "backbone": backbone_id(args)})
+        else:
+            result = fit(backbone, dim, train, val, classes, run, folder)
+        run.signals.restore()
+        progress.finish()
+        if result is not None:
+            folder.finish(result)
     utils.leave_process_group()
     return result
 
 
 if __name__ == "__main__":
-    main()
+    utils.exit_on_ctrl_c(main)

@@ -213,19 +213,26 @@ def robustness(args):
     return fig
 
 
-def main(argv=None):
-    figures = {"maths": maths, "run": run_curves, "spectrum": spectrum, "ablation": ablation, "monitor": monitor,
-               "robustness": robustness}
+FIGURES = {"maths": maths, "run": run_curves, "spectrum": spectrum, "ablation": ablation, "monitor": monitor,
+           "robustness": robustness}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=None if importlib.util.find_spec("matplotlib") else NO_MATPLOTLIB)
-    p.add_argument("figure", choices=figures)
+    p.add_argument("figure", choices=FIGURES)
     p.add_argument("runs", nargs="*", help="--output-dir of intl.py runs (spectrum, monitor: one; others: several)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.error = lambda msg: utils.fail(f"{msg} (see --help)")
     args = p.parse_args(argv)
     if args.figure != "maths" and not args.runs:
         utils.fail(f"{args.figure} needs at least one run folder")
-    fig = figures[args.figure](args)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    fig = FIGURES[args.figure](args)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=90)

@@ -20,7 +20,6 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -351,9 +350,9 @@ def monitor_data(args, n_bank=10000, n_queries=2000):
     return utils.monitor_pair(args.data, view, n_bank, n_queries)
 
 
-def epoch_record(embedding, labelled, epoch, args, state):
+def epoch_record(embedding, labelled, epoch, args, state, stop=None):
     """The spectrum of the epoch's last embedding before and after the transform, and the
-    monitor's top-1 every --monitor-every epochs."""
+    monitor's top-1 every --monitor-every epochs (none if a stop signal comes during it)."""
     transformed = embedding
     if torch.isfinite(embedding).all():     # else the batch of a skipped step (loss not finite)
         transformed = whitening(args)(embedding, whiten=args.whiten)
@@ -361,7 +360,7 @@ def epoch_record(embedding, labelled, epoch, args, state):
            "transformed": spectrum(transformed, args.whiten)}
     if labelled and epoch % args.monitor_every == 0:
         backbone = utils.unwrap(state.model).backbone
-        rec.update(utils.monitor(backbone, labelled, embedding.device, args.workers))
+        rec.update(utils.monitor(backbone, labelled, embedding.device, args.workers, stop))
     return rec
 
 
@@ -390,7 +389,7 @@ def train_one_epoch(state, loader, epoch, step, args, guard, progress):
 
 def train(args):
     """Pretrain with INTL on every process torchrun starts (or this one); returns the backbone."""
-    rank, world, device = utils.setup_distributed(args.batch_size)
+    rank, world, device = utils.setup_distributed(args.batch_size, args.dist_timeout)
     utils.seed_all(args.seed + rank)   # augmentation differs across ranks; weights do not
     loader = train_loader(args, rank, world, device)    # a bad --data fails before the model
     state = build_state(args, device, world)
@@ -417,11 +416,13 @@ def train(args):
         for epoch in range(epoch, last):
             step, embedding = train_one_epoch(state, loader, epoch, step, args, guard, progress)
             counts = guard.end_epoch(epoch + 1, step)
-            rec = epoch_record(embedding, labelled, epoch + 1, args, state)
+            rec = epoch_record(embedding, labelled, epoch + 1, args, state, guard.stop)
             progress.epoch({**rec, "step": step, **counts}, args.k, args.transform)
             guard.stop_if_asked(step)
         guard.close()
         progress.finish()
+        if last == args.epochs:     # the whole schedule, not a --stop-epoch
+            folder.finish({"epochs": args.epochs, "step": step})
     utils.leave_process_group()
     return utils.unwrap(state.model).backbone
 
@@ -429,7 +430,8 @@ def train(args):
 # ------------------------------------------------------------ settings
 FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "restart", "stop_epoch", "amp",
                   "compile", "gpu_aug", "seed", "monitor_every", "allow_changed_args",
-                  "save_every_minutes", "max_bad_files", "max_nonfinite", "tensorboard"}
+                  "save_every_minutes", "max_bad_files", "max_nonfinite", "dist_timeout",
+                  "tensorboard"}
 
 
 def network(settings):
@@ -439,9 +441,10 @@ def network(settings):
     return f"{method} {settings['arch']}{stem} --projector {projector}"
 
 
-def exports(online):
+def exports(state):
     """The files saved beside each epoch's checkpoint: the backbone, loadable on a CPU."""
-    return {"backbone.pth": {k: v.cpu() for k, v in online.backbone.state_dict().items()}}
+    backbone = utils.unwrap(state.model).backbone
+    return {"backbone.pth": {k: v.cpu() for k, v in backbone.state_dict().items()}}
 
 
 def parse_args(argv=None, need_data=True):
@@ -487,6 +490,8 @@ def parse_args(argv=None, need_data=True):
     add("--workers", type=int, default=utils.default_workers(), help="data workers per process "
         "(default: the node's CPU cores shared among its processes, at most 8)")
     add("--seed", type=int, default=0, help="seed of the weights; of augmentation: seed + rank")
+    add("--dist-timeout", type=float, default=30, help="minutes a process waits for the others "
+        "(a first --compile takes minutes) before the run stops")
     add("--print-freq", type=int, default=50, help="steps between progress lines")
     add("--monitor-every", type=int, default=0, help="every N epochs, 5-NN and linear-probe "
         "top-1 of the backbone on labelled data (test split, or DIR/val) as a monitor (0: never)")
@@ -511,7 +516,7 @@ def derive_settings(args):
     cifar = args.data in CIFAR_NORM
     small = args.data in utils.SMALL_DATA or args.small_images      # 32-px images
     utils.check_ranges(args, {
-        "positive": "epochs batch_size iters print_freq lr max_nonfinite",
+        "positive": "epochs batch_size iters print_freq lr max_nonfinite dist_timeout",
         "0 or more": "subset stop_epoch warmup_epochs workers wd monitor_every save_every_minutes",
         "in [0, 1]": "target_momentum max_bad_files"})
     widths = args.projector.split("-")
@@ -597,4 +602,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    utils.exit_on_ctrl_c(main)

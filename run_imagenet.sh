@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The paper's ImageNet results: INTL pretraining of a ResNet-50, then the linear protocol, then
-# semi-supervised fine-tuning on the SimCLR 1 % / 10 % subsets when given; and its ImageNet-100
-# row (ResNet-18, SCHEDULE=in100, DATA an ImageNet-100 folder), pretraining and linear protocol.
+# The paper's rows, one per SCHEDULE, from start to end: INTL pretraining, then the linear protocol,
+# the k-NN (the authors' 5-NN and DINO's 20-NN), and semi-supervised fine-tuning on the SimCLR 1 % /
+# 10 % subsets when given (ImageNet rows). ImageNet-100 (SCHEDULE=in100, DATA an ImageNet-100 folder)
+# and CIFAR (SCHEDULE=cifar10, cifar100: the probe on features instead of the linear protocol).
 # Runs from any directory: intl.py and eval_linear.py are those beside this script; DATA, the
 # subset lists and OUT (default runs/<row>, e.g. runs/in1k-100ep) are relative to where it runs.
 #
@@ -18,11 +19,20 @@
 # linear, k-NN, fine-tuning), each split on spaces and placed last, so that they override the row's
 # flags: the two scripts take different flags, and one unknown to eval_linear.py would stop the
 # evaluation only once the pretraining had ended. One process per GPU: the entries of
-# CUDA_VISIBLE_DEVICES when set, else nvidia-smi's count; NPROC overrides both.
+# CUDA_VISIBLE_DEVICES when set, else nvidia-smi's count; NPROC overrides both. One process on one
+# node runs python3 itself; more run under torchrun.
 #
-# Re-running resumes each stage from its checkpoint (intl.py and eval_linear.py resume from
-# their output folder) and skips the stages whose folder holds a `done` marker.
+# A stage is done when its script says so: it writes OUT/<stage>/done once the whole stage has
+# finished (the last epoch of its schedule). A rerun skips the stages that are done and resumes the
+# others from their checkpoints. A stage that ends without being done (EXTRA_ARGS="--stop-epoch 50",
+# to split a run over job-time limits) stops the row with exit code 75: run the same command again to
+# continue it. A stage that fails or is stopped by a signal stops the row with its exit code.
 set -euo pipefail
+# a stop signal to the whole job (Slurm's, Ctrl-C's): the stage in flight saves and exits, and this
+# script, which bash lets run a trap only once that stage has ended, stops with the signal's code
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 138' USR1
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 SCHEDULE=${SCHEDULE:-100}
@@ -42,9 +52,9 @@ MASTER_PORT=${MASTER_PORT:-29500}
 
 # one row of the paper: epochs, base lr, method, crops, linear-eval lr, and the backbone lr of
 # semi-supervised fine-tuning (0.004 for INTL-M checkpoints, 0.006 for INTL); ImageNet rows
-# share the ResNet-50, its 8192-8192-8192 projector, batch 256 and weight decay 1e-5; `name`
-# names the output folder for the data, the epochs and the views
-arch=resnet50 projector=8192-8192-8192 batch=256 wd=1e-5 m0=0.996 knn="" name=""
+# share the ResNet-50, its 8192-8192-8192 projector, batch 256, weight decay 1e-5 and INTL-M's
+# momentum m0 0.996; `name` names the output folder for the data, the epochs and the views
+arch=resnet50 projector=8192-8192-8192 batch=256 wd=1e-5 m0=0.996 name=""
 two=--no-multi-crop     # two views (intl.py's default on an image folder is multi-crop)
 case $SCHEDULE in
   100)       epochs=100 lr=0.5 method=intl-m crops=--multi-crop linear_lr=0.4 backbone_lr=0.004 ;;
@@ -54,10 +64,10 @@ case $SCHEDULE in
   800-2view) epochs=800 lr=0.3 method=intl   crops=$two         linear_lr=0.2 backbone_lr=0.006
              name=in1k-800ep-2views ;;
   in100)     epochs=400 lr=0.5 method=intl   crops=$two         linear_lr=0.2 backbone_lr=""
-             arch=resnet18 projector=4096-4096-8192 batch=128 wd=2.5e-5 knn=1 name=in100-400ep ;;
+             arch=resnet18 projector=4096-4096-8192 batch=128 wd=2.5e-5 name=in100-400ep ;;
   cifar10|cifar100)    # the 32-px setting comes with --data; linear: the probe on features
              epochs=1000 lr=0.3 method=intl crops="" linear_lr="" backbone_lr=""
-             arch=resnet18 projector=2048-2048-2048 batch=256 wd=1e-4 m0=0.999 knn=1
+             arch=resnet18 projector=2048-2048-2048 batch=256 wd=1e-4
              name=$SCHEDULE-1000ep ;;
   *) echo "error: SCHEDULE must be 100, 200, 400, 800, 800-2view, in100, cifar10 or cifar100," \
           "not '$SCHEDULE'" >&2
@@ -69,9 +79,10 @@ read -r -a eval_extra <<< "${EVAL_ARGS:-}"
 
 torchrun=(torchrun --nproc_per_node="$NPROC" --nnodes="$NNODES" --node_rank="$NODE_RANK"
           --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
+(( NPROC * NNODES > 1 )) || torchrun=(python3)
 
-# stage NAME COMMAND...: run COMMAND unless OUT/NAME/done exists, then mark it done;
-# with DRY_RUN=1 print it on one line instead
+# stage NAME COMMAND...: run COMMAND unless OUT/NAME/done exists; with DRY_RUN=1 print it on one
+# line instead
 stage() {
   local dir=$OUT/$1; shift
   if [[ -e $dir/done ]]; then
@@ -79,14 +90,19 @@ stage() {
   elif [[ -n ${DRY_RUN:-} && ${DRY_RUN} != 0 ]]; then
     local line; printf -v line '%q ' "$@"; echo "${line% }"
   else
-    mkdir -p "$dir"
     "$@"
-    touch "$dir/done"
+    if [[ ! -e $dir/done ]]; then
+      echo "run_imagenet.sh: $dir stopped before the end of its schedule (no $dir/done);" \
+           "run the same command again to continue it" >&2
+      exit 75
+    fi
   fi
 }
 
+momentum=()     # INTL-M's momentum target; INTL has none, and intl.py refuses the flag with it
+[[ $method == intl-m ]] && momentum=(--target-momentum "$m0")
 stage pretrain "${torchrun[@]}" "$here/intl.py" --data "$DATA" --method $method $crops \
-  --arch $arch --projector $projector --batch-size $batch --wd $wd --target-momentum $m0 \
+  --arch $arch --projector $projector --batch-size $batch --wd $wd "${momentum[@]}" \
   --epochs $epochs --lr $lr --output-dir "$OUT/pretrain" "${extra[@]}"
 
 backbone=$OUT/pretrain/backbone.pth
@@ -94,10 +110,8 @@ linear=(--lr-classifier "$linear_lr")
 [[ -n $linear_lr ]] || linear=(--protocol features)
 stage linear "${torchrun[@]}" "$here/eval_linear.py" --data "$DATA" --arch $arch \
   --pretrained "$backbone" "${linear[@]}" --output-dir "$OUT/linear" "${eval_extra[@]}"
-if [[ -n $knn ]]; then
-  stage knn "${torchrun[@]}" "$here/eval_linear.py" --data "$DATA" --arch $arch \
-    --pretrained "$backbone" --knn --output-dir "$OUT/knn" "${eval_extra[@]}"
-fi
+stage knn "${torchrun[@]}" "$here/eval_linear.py" --data "$DATA" --arch $arch \
+  --pretrained "$backbone" --knn --output-dir "$OUT/knn" "${eval_extra[@]}"
 
 for pct in 1 10; do
   list_var=SUBSET_$pct
@@ -108,3 +122,4 @@ for pct in 1 10; do
       "${eval_extra[@]}"
   fi
 done
+[[ -n ${DRY_RUN:-} && ${DRY_RUN} != 0 ]] || echo "run_imagenet.sh: every stage of $OUT is done" >&2

@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import copy
 import errno
+import fcntl
+import glob
 import gzip
 import hashlib
 import importlib
@@ -21,6 +23,7 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ from torchvision.transforms import InterpolationMode
 
 import benchmark
 import eval_linear
+import figures
 import gpu_aug
 import intl
 import utils
@@ -1155,8 +1159,9 @@ def test_end_to_end_two_epochs_of_intl_m(tmp_path):
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(torch.load(out / "backbone.pth"), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
-    assert sorted(os.listdir(out)) == ["args.json", "backbone.pth", "checkpoint.pth", "log.jsonl", "log.txt",
-                                       "run.lock", "spectrum.jsonl"]
+    assert sorted(os.listdir(out)) == ["args.json", "backbone.pth", "checkpoint.pth", "done", "log.jsonl",
+                                       "log.txt", "run.lock", "spectrum.jsonl"]
+    assert json.load(open(out / "done"))["epochs"] == 2       # the whole schedule: the run is done
     assert json.load(open(out / "args.json"))["batch_size"] == 16 and "ep 2/2 step 2/2" in open(out / "log.txt").read()
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     steps = [r for r in log if "loss" in r]
@@ -1355,8 +1360,8 @@ def test_eval_refuses_a_checkpoint_made_from_another_backbone(folder, backbone_p
     other.parent.mkdir()
     torch.save(probe_backbone(folder, seed=1).state_dict(), other)
     msg = one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear)),
-                        f"backbone {backbone_pth} (sha256 {sha(backbone_pth)[:12]}) -> {other} (sha256 {sha(other)[:12]})",
-                        "--restart")
+                        f"it holds the linear protocol of the backbone with sha256 {sha(backbone_pth)[:12]}",
+                        f"this run: the linear protocol of the backbone with sha256 {sha(other)[:12]}", "--restart")
     assert torch.load(out / "checkpoint.pth")["args"]["pretrained"] == str(backbone_pth), msg
     # asked: it starts afresh from the new backbone, and says so
     on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", str(other), *linear, "--restart"))
@@ -1395,14 +1400,14 @@ def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_p
     # files of the wrong kind say what they are and what the run expected
     out = copy_checkpoint(paused_run, tmp_path / "kinds")
     one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--method", "intl-m")),
-                  "it holds INTL resnet18 --projector 64-64, this run builds INTL-M resnet18")
+                  "it holds INTL resnet18 --projector 64-64; this run: INTL-M resnet18")
     one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--projector", "32-64")),
-                  "--projector 64-64, this run builds INTL resnet18 --projector 32-64")
+                  "--projector 64-64; this run: INTL resnet18 --projector 32-64")
     torch.save(resnet_backbone("resnet18", True)[0].state_dict(), tmp_path / "backbone.pth")
     one_line_exit(lambda: train_in_process(*resume_args(data, "--output-dir", out, "--resume", tmp_path / "backbone.pth")),
-                  "holds a bare backbone", "not a training checkpoint.pth")
+                  "holds a bare backbone", "not a run's checkpoint.pth")
     one_line_exit(lambda: on_one_thread(eval_linear.main, *common(folder, tmp_path / "e", "--resume", ckpt_path)),
-                  "holds a training checkpoint, not eval_linear.py's")
+                  "it holds INTL resnet18 --projector 64-64; this run: the linear protocol of a random resnet18")
     # --amp off -> fp16 is a valid switch: a fresh GradScaler, which then steps the resumed SGD
     # (fp16 is refused on a CPU: the state is built as a GPU builds it, its GradScaler enabled)
     args = intl.parse_args(resume_args(data, "--output-dir", out))
@@ -1533,8 +1538,8 @@ def test_hard_killed_run_resumes_mid_epoch_bit_identical_and_logs_each_step_once
         f.write(json.dumps({"epoch": 0, "step": 2, "loss": 9.9}) + "\n" + '{"epoch": 0, "st')
     p = run_intl(*args, "--output-dir", out)
     assert f"resumed from {out / 'checkpoint.pth'} at epoch 0, step {ckpt['step']}" in p.stdout
-    assert sorted(os.listdir(out)) == ["args.json", "backbone.pth", "checkpoint.pth", "log.jsonl", "log.txt",
-                                       "run.lock", "spectrum.jsonl"]
+    assert sorted(os.listdir(out)) == ["args.json", "backbone.pth", "checkpoint.pth", "done", "log.jsonl",
+                                       "log.txt", "run.lock", "spectrum.jsonl"]
     a = torch.load(tmp_path / "straight" / "checkpoint.pth")
     b = torch.load(out / "checkpoint.pth")
     assert a["step"] == b["step"] == 2
@@ -1569,10 +1574,7 @@ def test_a_non_finite_loss_skips_its_update_and_k_in_a_row_stop_the_run(fused, c
         assert torch.equal(momentum[0], optimizer.state_dict()["state"][0]["momentum_buffer"]) == poison
     assert counts.tolist() == [3, 1, 2]                # skipped, current run, longest run
     utils.check_nonfinite(counts, 3, 4, 0.1, rank=0)   # no run of 3: goes on
-    with pytest.raises(SystemExit) as e:
-        utils.check_nonfinite(counts, 2, 4, 0.1, rank=0)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and err.count("\n") == 0 and "2 steps in a row, by step 4 (lr 0.1)" in err
+    one_line_exit(lambda: utils.check_nonfinite(counts, 2, 4, 0.1, rank=0), "2 steps in a row, by step 4 (lr 0.1)")
 
 
 def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(tmp_path):
@@ -1589,46 +1591,97 @@ def test_divergence_stops_in_one_line_and_never_saves_non_finite_weights(tmp_pat
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
-def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_save(tmp_path):
-    """The real fault: intl.py resumed at epoch 1 of 2 under a file-size limit (RLIMIT_FSIZE: a
-    write past it fails with EFBIG, as one on a full disk fails with ENOSPC), first one that
-    log.jsonl's next record crosses, then one that the epoch's backbone.pth fits in but not its
-    checkpoint.pth. Each stops in one line naming the folder, leaves no partial save and keeps
-    the epoch-1 checkpoint; the run after the failed log write resumes from it."""
-    data = image_folder(str(tmp_path / "data"), n_per_class=8, size=32)       # one batch of 16
+@contextlib.contextmanager
+def file_size_limit(limit):
+    """The real fault, in this process: a write past `limit` bytes of a file fails (EFBIG), as one
+    on a full disk does (ENOSPC). RLIMIT_FSIZE, with SIGXFSZ ignored so that the write fails, not
+    the process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def pad_to(path, size, line):
+    """PATH grows to `size` bytes with copies of a whole line (a long run's log)."""
+    with open(path, "a") as f:
+        f.write(line * ((size - os.path.getsize(path)) // len(line)))
+
+
+def full_disk_at(path, limit, run, saved, words):
+    """`run` under a file-size limit stops in one line (WORDS), with no partial file or line: the
+    files it had written stay as they were, and so do the checkpoint and the other `saved` files."""
+    before = {f: sha(f) for f in saved if f.exists()}
+    logs = {f: f.read_bytes() for f in path.parent.glob("*.jsonl")}
+    with file_size_limit(limit):
+        p = run()
+    assert_one_line_error(p, f"{path}: the disk is full", *words)
+    assert {f: sha(f) for f in saved if f.exists()} == before
+    assert not list(path.parent.glob("*.tmp*"))
+    for f, data in logs.items():            # each log as it was, but for whole lines added
+        assert f.read_bytes().startswith(data) and f.read_bytes().endswith(b"\n"), f
+    assert (path.parent / "log.txt").read_bytes().endswith(b"\n")
+    return p
+
+
+def test_a_full_disk_at_each_kind_of_training_write_stops_in_one_line_and_loses_nothing(tmp_path):
+    """intl.py resumed at epoch 1 of 2, the disk full at a progress line (log.txt), at log.jsonl,
+    at the epoch's backbone.pth and at its checkpoint.pth: each time one line, nothing partial,
+    the epoch-1 checkpoint kept; a last rerun ends the run, each step's record logged once."""
     out = tmp_path / "out"
-    args = ["--data", data, *SMALL, "--small-images", "--batch-size", "16", "--epochs", "2", "--output-dir", out]
-    run_intl(*args, "--stop-epoch", "1")
-    good = sha(out / "checkpoint.pth")
-    files = sorted(os.listdir(out))
-
-    def run_with_file_size_limit(limit):
-        return subprocess.run([sys.executable, os.path.join(HERE, "intl.py"), *map(str, args)], capture_output=True,
-                              text=True, timeout=600,
-                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
-
-    def epoch_1_kept():
-        return sorted(os.listdir(out)) == files and sha(out / "checkpoint.pth") == good and \
-            torch.load(out / "checkpoint.pth")["epoch"] == 1
-    # log.jsonl the largest file, its first record padded with spaces (the same JSON): step 2's crosses
-    log = (out / "log.jsonl").read_text().split("\n", 1)
-    (out / "log.jsonl").write_text(log[0] + " " * 100_000 + "\n" + log[1])
-    p = run_with_file_size_limit(os.path.getsize(out / "log.jsonl") + 16)
-    assert_one_line_error(p, f"cannot write {out / 'log.jsonl'}: the disk is full", f"free in {out})",
-                          "the checkpoint is intact")
-    assert epoch_1_kept()
+    tiny_run("--epochs", "2", "--stop-epoch", "1", "--output-dir", out)
+    run = lambda: tiny_run("--epochs", "2", "--output-dir", out, check=False)      # noqa: E731
+    saved, log = [out / "checkpoint.pth", out / "backbone.pth"], (out / "log.jsonl").read_text()
+    pad_to(out / "log.txt", 2**20 - 40, "an earlier line of the console\n")
+    full_disk_at(out / "log.txt", 2**20, run, saved, ["free space and run the same command"])
+    (out / "log.txt").write_text("")
+    (out / "log.jsonl").write_text(log)     # as the rerun leaves it: up to the checkpoint's step
+    pad_to(out / "log.jsonl", 2**20 - 20, json.dumps({"epoch": 0, "step": 1, "note": "x" * 200}) + "\n")
+    full_disk_at(out / "log.jsonl", 2**20, run, saved, ["free space and run the same command"])
+    (out / "log.jsonl").write_text(log)
     backbone, checkpoint = os.path.getsize(out / "backbone.pth"), os.path.getsize(out / "checkpoint.pth")
-    assert backbone < checkpoint / 1.5
-    p = run_with_file_size_limit((backbone + checkpoint) // 2)
-    assert "resumed from" in p.stdout and "at epoch 1, step 1" in p.stdout
-    assert_one_line_error(p, f"cannot save {out / 'checkpoint.pth'}: the disk is full", f"free in {out})",
-                          "the previous one is intact")
-    assert epoch_1_kept() and [r["step"] for r in read_log(out)] == [1, 1, 2]   # the cut record dropped
-    # what a kill during a save leaves goes; other files whose names hold "tmp" stay
-    (out / "backbone.pth.tmp77").write_bytes(b"cut short")
-    (out / "notes.tmp").write_bytes(b"not ours")
-    utils.remove_partial_saves(str(out))
-    assert sorted(os.listdir(out)) == sorted(files + ["notes.tmp"])
+    full_disk_at(out / "backbone.pth", backbone // 2, run, saved, ["the previous one is intact"])
+    (out / "log.jsonl").write_text(log)
+    full_disk_at(out / "checkpoint.pth", (backbone + checkpoint) // 2, run, saved[:1], ["the previous one is intact"])
+    assert torch.load(out / "checkpoint.pth")["epoch"] == 1 and not (out / "done").exists()
+    assert run().returncode == 0 and (out / "done").exists()
+    assert [(r["step"], "loss" in r) for r in read_log(out)] == [(1, True), (2, True), (2, False), (3, True),
+                                                                 (4, True), (4, False)]
+
+
+def test_a_full_disk_at_each_kind_of_evaluation_write_stops_in_one_line_and_loses_nothing(
+        folder, backbone_pth, tmp_path):
+    """eval_linear.py's linear protocol, the disk full at best.pth and at checkpoint.pth (of the
+    first epoch), at a progress line and at log.jsonl (resumed at epoch 1 of 2): one line, nothing
+    partial, each record once when it has run to its end."""
+    args = lambda out, *extra: common(folder, out, "--pretrained", backbone_pth, "--epochs", "2",     # noqa: E731
+                                      "--print-freq", "1", *extra)
+    out = tmp_path / "out"
+    assert run_eval(args(out, "--stop-epoch", "1")).returncode == 0
+    best, checkpoint = os.path.getsize(out / "best.pth"), os.path.getsize(out / "checkpoint.pth")
+    assert checkpoint > best + 4096     # the classifier's momentum, the random streams
+    fresh = tmp_path / "fresh"
+    full_disk_at(fresh / "best.pth", best // 2, lambda: run_eval(args(fresh)), [], ["nothing was saved"])
+    assert not (fresh / "checkpoint.pth").exists()
+    fresh = tmp_path / "fresh-2"
+    full_disk_at(fresh / "checkpoint.pth", best + 2048, lambda: run_eval(args(fresh)), [], ["nothing was saved"])
+    assert (fresh / "best.pth").exists()
+    saved, log = [out / "checkpoint.pth", out / "best.pth"], (out / "log.jsonl").read_text()
+    pad_to(out / "log.txt", 2**20 - 40, "an earlier line of the console\n")
+    full_disk_at(out / "log.txt", 2**20, lambda: run_eval(args(out)), saved, ["free space and run the same command"])
+    (out / "log.txt").write_text("")
+    (out / "log.jsonl").write_text(log)
+    pad_to(out / "log.jsonl", 2**20 - 20, json.dumps({"epoch": 0, "step": 1, "note": "x" * 200}) + "\n")
+    full_disk_at(out / "log.jsonl", 2**20, lambda: run_eval(args(out)), saved, ["free space and run the same command"])
+    (out / "log.jsonl").write_text(log)
+    assert run_eval(args(out)).returncode == 0
+    assert [(r["epoch"], r["step"], "acc1" in r) for r in read_log(out)] == [
+        (0, 1, False), (0, 2, False), (0, 3, False), (1, 3, True), (1, 4, False), (1, 5, False), (1, 6, False),
+        (2, 6, True)]
 
 
 def worker_pids(pid):
@@ -1669,6 +1722,69 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_an_uninterrupted
     b = torch.load(tmp_path / "restarted" / "checkpoint.pth")
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def stop_worker(rank, ports, scenarios, log):
+    """Rank RANK of two processes forked from this one, as torchrun starts them: each scenario's run
+    in turn, (exit code, stderr, seconds) of each to LOG.RANK."""
+    torch.set_num_threads(1)
+    results = []
+    for port, (main, argv) in zip(ports, scenarios):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        start = time.time()
+        p = in_process(main, argv)
+        results.append((p.returncode, p.stderr, time.time() - start))
+    with open(f"{log}.{rank}", "w") as f:
+        json.dump(results, f)
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_stop_together_within_seconds_with_rank_0s_line(folder, tmp_path):
+    """Two gloo processes, and a stop that one rank decides: rank 0 finds the folder in use, one
+    rank's shard holds an unreadable file (past --max-bad-files 0), the checkpoint to resume is
+    corrupt. Each time both exit 1 within seconds (a rank left in a collective would wait for
+    --dist-timeout, 30 s here), rank 0 with the one line, rank 1 without an error of its own."""
+    locked, knn, resumed = tmp_path / "locked", tmp_path / "knn", tmp_path / "resumed"
+    locked.mkdir()
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    open(data / "train" / "n00000002" / "empty.png", "wb").close()
+    corrupt = tmp_path / "corrupt.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[:3000])
+    train = lambda argv: train_in_process(*argv)      # noqa: E731
+    wait = ["--dist-timeout", "0.5"]
+    scenarios = [(train, [*TINY, "--output-dir", locked, *wait]),
+                 (eval_linear.main, [*common(data, knn, "--knn", "--max-bad-files", "0"), *wait]),
+                 (train, [*TINY, "--output-dir", resumed, "--resume", corrupt, *wait])]
+    scenarios = [(main, list(map(str, argv))) for main, argv in scenarios]
+    ports, log = [free_port() for _ in scenarios], tmp_path / "results"
+    with open(locked / "run.lock", "w") as held:
+        held.write("process 4242 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ranks = [multiprocessing.get_context("fork").Process(target=stop_worker, args=(r, ports, scenarios, log))
+                 for r in (0, 1)]
+        for r in ranks:
+            r.start()
+        for r in ranks:
+            r.join(300)
+    assert [r.exitcode for r in ranks] == [0, 0]
+    rank0, rank1 = (json.load(open(f"{log}.{r}")) for r in (0, 1))
+    for (code0, err0, s0), (code1, err1, s1), words in zip(rank0, rank1, [
+            [f"--output-dir {locked} is in use by process 4242"],
+            ["1 of 25 images unreadable in the train images", "--max-bad-files 0"],
+            [f"cannot read checkpoint {corrupt}"]]):
+        assert (code0, code1) == (1, 1) and max(s0, s1) < 20, (err0, err1, s0, s1)
+        lines = [line for line in err0.strip().splitlines() if not line.startswith("warning: unreadable")]
+        assert len(lines) == 1 and all(w in lines[0] for w in words), err0
+        assert "error" not in err1 and "Traceback" not in err1, err1
 
 
 def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
@@ -1714,7 +1830,7 @@ def test_a_non_finite_last_step_changes_no_state_and_the_run_goes_on(tmp_path, m
                         lambda *a, **k: NaNInEpoch1sLastBatch(read(*a, **k), out, tmp_path))
     p = tiny_run("--epochs", "2", "--save-every-minutes", "1e-6", "--output-dir", out)  # saves each step
     log = read_log(out)
-    assert [r["step"] for r in log] == [1, 2, 2, 3, 4, 4] and math.isnan(log[1]["loss"])
+    assert [r["step"] for r in log] == [1, 2, 2, 3, 4, 4] and log[1]["loss"] is None    # JSON's null
     before, after = (torch.load(tmp_path / f"at-read-{n}.pth", weights_only=True) for n in (16, 32))
     assert (before["epoch"], before["step"], after["epoch"], after["step"]) == (0, 1, 1, 2)
     assert before["model"].keys() == after["model"].keys()
@@ -1737,6 +1853,28 @@ def test_a_non_finite_last_step_changes_no_state_and_the_run_goes_on(tmp_path, m
     assert (final["epoch"], final["step"]) == (2, 4)
     key = "backbone.bn1.running_mean"
     assert not torch.equal(final["model"][key], after["model"][key])
+
+
+def test_a_stop_signal_during_the_monitor_stops_the_run_within_its_batch(tmp_path, monkeypatch):
+    """SIGTERM as the online monitor starts at the end of epoch 1 (of 2): its pass stops after the
+    batch in flight, the epoch's record is written without the monitor's figures, and the run
+    exits with the epoch's checkpoint, without a step of epoch 2 or a second save."""
+    read, batches = utils.features, []
+
+    def signalled(backbone, dataset, device, *args, after_batch=None, **kw):
+        if not batches:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(backbone, dataset, device, *args, after_batch=lambda p: batches.append(1) or after_batch(p), **kw)
+    monkeypatch.setattr(utils, "features", signalled)
+    out = tmp_path / "out"
+    p = tiny_run("--epochs", "2", "--monitor-every", "1", "--output-dir", out, check=False)
+    assert p.returncode == 128 + signal.SIGTERM and p.stderr.strip().splitlines() == [
+        f"stopped by SIGTERM after step 2: {out / 'checkpoint.pth'} holds this point; run the same command to resume"]
+    assert batches == [1]           # the bank's first batch; the queries' pass never started
+    ckpt = torch.load(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 2] and "knn5_top1" not in log[-1] and log[-1]["epoch"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -2203,38 +2341,113 @@ def read_log(out, name="log.jsonl"):
         return [json.loads(line) for line in f]
 
 
+def epoch_records(out, name="log.jsonl"):
+    """An evaluation's records of its epochs (after its val pass), without those of its steps."""
+    return [r for r in read_log(out, name) if "acc1" in r]
+
+
 # ----------------------------------------------------------------------------- linear protocol
-def test_linear_end_to_end_and_resume(folder, backbone_pth, tmp_path):
-    # 2 epochs: the step schedule would decay the lr after the first one
-    linear = ["--pretrained", str(backbone_pth), "--epochs", "2", "--schedule", "cos"]
-    straight = tmp_path / "straight"
-    best = eval_linear.main(common(folder, straight, *linear))
-    assert best["acc1"] >= 90, best   # chance is 33 %
-    rec = read_log(straight)
-    assert [r["epoch"] for r in rec] == [1, 2] and all("acc5" in r for r in rec)
-    assert os.path.exists(straight / "best.pth")
+def test_an_evaluation_holds_its_run_folder_as_training_does(folder, backbone_pth, tmp_path):
+    """eval_linear.py in utils.RunFolder: a folder in use is refused in one line; args.json holds the
+    settings, log.txt the console, whose progress lines carry the time of day, the elapsed time
+    and the ETA of the epoch and of the run; every record has its time; --tensorboard holds them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "linear"
+    out.mkdir()
+    args = common(folder, out, "--pretrained", backbone_pth, "--epochs", "2", "--print-freq", "1", "--tensorboard")
+    with open(out / "run.lock", "w") as held:
+        held.write("process 4242 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_one_line_error(run_eval(args), f"--output-dir {out} is in use by process 4242 on elsewhere")
+    started = time.time()
+    p = run_eval(args)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    settings = json.load(open(out / "args.json"))
+    assert (settings["weights"], settings["lr_classifier"], settings["classes"], settings["world_size"]) == \
+        ("freeze", 0.4, 3, 1)
+    assert (settings["pretrained_sha256"], settings["torch"]) == (sha(backbone_pth), torch.__version__)
+    assert (out / "log.txt").read_text() == p.stdout
+    clock = r"\d+:\d\d:\d\d"
+    steps = re.findall(rf"^{clock} ep (\d)/2 step (\d)/3 loss \S+ lr \S+ \d+ img/s, data wait \d+%, "
+                       rf"elapsed {clock}, ETA epoch {clock}, run {clock}$", p.stdout, re.M)
+    assert steps == [(e, s) for e in "12" for s in "123"], p.stdout
+    log = read_log(out)
+    assert all(started <= r["time"] <= time.time() for r in log) and len(log) == 8
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for name in ["loss", "acc1"]:
+        assert [(e.step, e.value) for e in events.Scalars(name)] == \
+            [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in log if name in r and r[name] is not None]
+    assert json.load(open(out / "done"))["acc1"] == max(r["acc1"] for r in epoch_records(out))
 
-    resumed = tmp_path / "resumed"
-    eval_linear.main(common(folder, resumed, *linear, "--stop-epoch", "1"))
-    assert torch.load(resumed / "checkpoint.pth")["epoch"] == 1
-    eval_linear.main(common(folder, resumed, *linear))
-    a, b = torch.load(straight / "checkpoint.pth"), torch.load(resumed / "checkpoint.pth")
-    assert b["epoch"] == 2
-    for key in ["fc.weight", "fc.bias"]:
-        assert torch.equal(a["model"][key], b["model"][key])
+
+def signal_before_step(monkeypatch, signals):
+    """Real signals to this process, each just before eval_linear's step of the given number (a
+    dict), counted over the runs that follow."""
+    step, calls = eval_linear.train_step, [0]
+
+    def signalled(*args):
+        calls[0] += 1
+        if calls[0] in signals:
+            os.kill(os.getpid(), signals[calls[0]])
+        return step(*args)
+    monkeypatch.setattr(eval_linear, "train_step", signalled)
 
 
-def test_finetune_on_a_subset_list(folder, backbone_pth, tmp_path):
-    listed = [f"{cls}_{i}.png" for cls in COLOURS for i in range(2)]
+@pytest.mark.parametrize("weights", ["freeze", "finetune"])
+def test_an_evaluation_cut_by_signals_mid_epoch_ends_bit_identical_to_a_straight_one(
+        weights, folder, backbone_pth, tmp_path, monkeypatch):
+    """SIGTERM before step 2 (of 3 an epoch), then SIGUSR1 before the resumed run's second step (5):
+    each step finishes, the point in the epoch is saved and the run exits 128 + the signal in one
+    line; the last rerun ends as the straight run: the same weights and optimizer, the same
+    best.pth and accuracy, and each log record once."""
+    listed = [f"{cls}_{i}.png" for cls in COLOURS for i in range(3)]      # 9 images: 3 steps of 4
     (tmp_path / "subset.txt").write_text("\n".join(listed) + "\n")
-    out = tmp_path / "semi"
-    eval_linear.main(common(folder, out, "--pretrained", str(backbone_pth), "--weights", "finetune",
-                            "--train-subset", str(tmp_path / "subset.txt"), "--epochs", "3"))
-    state = torch.load(out / "checkpoint.pth")["model"]
-    before = torch.load(backbone_pth)
-    assert not torch.equal(state["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
-    # a constant lr by default: the classifier's 0.2 × batch/256 in every epoch
-    assert [r["lr"] for r in read_log(out)] == pytest.approx([0.2 * 8 / 256] * 3, rel=1e-12)
+    mode = ["--weights", "finetune", "--train-subset", tmp_path / "subset.txt", "--batch-size", "4"] \
+        if weights == "finetune" else []
+    args = lambda out: common(folder, out, "--pretrained", backbone_pth, "--epochs", "2", "--print-freq", "1",
+                              *mode)     # noqa: E731
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert run_eval(args(straight)).returncode == 0
+    signal_before_step(monkeypatch, {2: signal.SIGTERM, 5: signal.SIGUSR1})
+    for signum, step in [(signal.SIGTERM, 2), (signal.SIGUSR1, 5)]:
+        p = run_eval(args(cut))
+        assert p.returncode == 128 + signum and p.stderr.strip().splitlines() == [
+            f"stopped by {signal.Signals(signum).name} after step {step}: {cut / 'checkpoint.pth'} holds this "
+            f"point; run the same command to resume"], p.stderr
+        assert torch.load(cut / "checkpoint.pth")["step"] == step and not (cut / "done").exists()
+    assert run_eval(args(cut)).returncode == 0
+    a, b = torch.load(straight / "checkpoint.pth"), torch.load(cut / "checkpoint.pth")
+    assert a["step"] == b["step"] == 6 and a["best"] == b["best"]
+    flat = lambda c: tree_flatten([c["model"], c["optimizer"]])[0]      # noqa: E731
+    assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat(a), flat(b), strict=True))
+    best_a, best_b = torch.load(straight / "best.pth"), torch.load(cut / "best.pth")
+    assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    if weights == "finetune":      # the backbone trained too
+        assert not torch.equal(best_b["layer4.1.conv2.weight"], torch.load(backbone_pth)["layer4.1.conv2.weight"])
+    without_time = lambda out: [{k: v for k, v in r.items() if k not in ("time", "img_per_s", "data_wait")}  # noqa
+                                for r in read_log(out)]
+    assert without_time(cut) == without_time(straight)
+    assert [r["step"] for r in read_log(cut)] == [1, 2, 3, 3, 4, 5, 6, 6]
+
+
+def test_a_diverged_evaluation_stops_in_one_line_and_saves_nothing_non_finite(folder, backbone_pth, tmp_path):
+    """--lr-classifier 1e38: the first step's update overflows, the losses after it are not finite
+    and their steps skipped; two in a row stop the run, non-zero, in one line naming
+    --lr-classifier; no file holds a non-finite number. inf and 0 are refused at once."""
+    out = tmp_path / "nan"
+    p = run_eval(common(folder, out, "--pretrained", backbone_pth, "--epochs", "2", "--print-freq", "1",
+                        "--max-nonfinite", "2", "--lr-classifier", "1e38"))
+    assert_one_line_error(p, "not finite", "lower --lr-classifier")
+    for name in ["checkpoint.pth", "best.pth"]:
+        if (out / name).exists():
+            tensors = [t for t in tree_flatten(torch.load(out / name))[0] if torch.is_tensor(t)]
+            assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), name
+    assert "NaN" not in (out / "log.jsonl").read_text() and not (out / "done").exists()
+    assert any(r["loss"] is None for r in read_log(out) if "loss" in r)      # JSON's null
+    for flag, value in [("--lr-classifier", "inf"), ("--lr-backbone", "0"), ("--lr-classifier", "nan")]:
+        one_line_exit(lambda: eval_linear.parse_args(["--data", str(folder), flag, value]), f"{flag} must be positive")
 
 
 def test_lr_schedules():
@@ -2308,7 +2521,9 @@ def test_knn_end_to_end(folder, backbone_pth, tmp_path, capsys, subset):
         assert result[key] == pytest.approx(acc, abs=1e-9)
         assert f"{label} top-1 {acc:.2f}%" in printed
     named = {"path": str(backbone_pth), "sha256": sha(backbone_pth)[:12], "momentum_encoder": False}
-    assert read_log(out) == [{**result, "backbone": named}] and len(result) == 3 and result["unreadable"] == 0
+    (record,) = read_log(out)
+    assert record.pop("time") > 0 and record == {**result, "backbone": named}
+    assert len(result) == 3 and result["unreadable"] == 0 and json.load(open(out / "done")).items() >= result.items()
     assert printed.count("note: the bank holds 12 images") == (1 if subset else 0)
 
 
@@ -2493,10 +2708,10 @@ def test_lr_classifier_is_the_classifiers_lr_in_every_protocol(folder, backbone_
     for flag, lr in [("--lr-classifier", 0.2), ("--lr", 0.3)]:
         out = tmp_path / flag
         on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", backbone_pth, "--epochs", "1", flag, lr))
-        assert [r["lr"] for r in read_log(out)] == [pytest.approx(lr * 8 / 256, rel=1e-12)]
+        assert [r["lr"] for r in epoch_records(out)] == [pytest.approx(lr * 8 / 256, rel=1e-12)]
         group = torch.load(out / "checkpoint.pth")["optimizer"]["param_groups"][0]
         assert group["base_lr"] == pytest.approx(lr * 8 / 256, rel=1e-12)
-    parse = lambda *a: eval_linear.parse_args(["--data", str(folder), *a]).lr
+    parse = lambda *a: eval_linear.parse_args(["--data", str(folder), *a]).lr_classifier
     assert (parse(), parse("--weights", "finetune"), parse("--protocol", "features")) == (0.4, 0.2, 0.01)
     assert parse("--protocol", "features", "--lr-classifier", "0.05") == 0.05
 
@@ -2533,12 +2748,13 @@ def test_eval_linear_allow_changed_args_continues_with_this_runs_settings(folder
     run = lambda *extra: on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", backbone_pth,
                                                                  "--epochs", "2", "--schedule", "cos", *extra))
     run("--stop-epoch", "1")
-    one_line_exit(lambda: run("--lr-classifier", "0.2"), "lr 0.4 -> 0.2", "--allow-changed-args", "--restart")
+    one_line_exit(lambda: run("--lr-classifier", "0.2"), "lr-classifier 0.4 -> 0.2", "--allow-changed-args",
+                  "--restart")
     run("--lr-classifier", "0.2", "--allow-changed-args")
     # epoch 2 of 2 under the cosine: half of this run's lr, not of the file's
-    assert [r["lr"] for r in read_log(out)] == pytest.approx([0.4 * 8 / 256, 0.2 * 8 / 256 * 0.5], rel=1e-12)
+    assert [r["lr"] for r in epoch_records(out)] == pytest.approx([0.4 * 8 / 256, 0.2 * 8 / 256 * 0.5], rel=1e-12)
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert ckpt["epoch"] == 2 and ckpt["args"]["lr"] == 0.2
+    assert ckpt["epoch"] == 2 and ckpt["args"]["lr_classifier"] == 0.2
     # never another backbone: the checkpoint holds the backbone it was made from
     other = tmp_path / "other.pth"
     torch.save(probe_backbone(folder, seed=1).state_dict(), other)
@@ -2551,12 +2767,12 @@ def test_eval_records_name_their_backbone_and_restart_starts_a_fresh_log(folder,
     out = tmp_path / "linear"
     on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", backbone_pth, "--epochs", "1"))
     first = {"path": str(backbone_pth), "sha256": sha(backbone_pth)[:12], "momentum_encoder": False}
-    assert [r["backbone"] for r in read_log(out)] == [first]
+    assert [r["backbone"] for r in epoch_records(out)] == [first]
     other = tmp_path / "other.pth"
     torch.save(probe_backbone(folder, seed=1).state_dict(), other)
     on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", other, "--epochs", "1", "--restart"))
-    assert [r["backbone"]["sha256"] for r in read_log(out)] == [sha(other)[:12]]
-    assert [r["backbone"] for r in read_log(out, "log.jsonl.old")] == [first]
+    assert [r["backbone"]["sha256"] for r in epoch_records(out)] == [sha(other)[:12]]
+    assert [r["backbone"] for r in epoch_records(out, "log.jsonl.old")] == [first]
     on_one_thread(eval_linear.main, *common(folder, out, "--knn", "--restart"))     # no --pretrained
     assert [r["backbone"] for r in read_log(out)] == ["random"]
 
@@ -2568,7 +2784,7 @@ def test_linear_step_schedule_never_decays_at_epoch_0(folder, backbone_pth, tmp_
         assert [eval_linear.lr_factor(e, epochs, "step") for e in range(epochs)] == pytest.approx(factors)
     out = tmp_path / "one"
     on_one_thread(eval_linear.main, *common(folder, out, "--pretrained", backbone_pth, "--epochs", "1"))
-    assert read_log(out)[0]["lr"] == pytest.approx(0.4 * 8 / 256, rel=1e-12)
+    assert epoch_records(out)[0]["lr"] == pytest.approx(0.4 * 8 / 256, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- progress of long passes
@@ -2600,7 +2816,7 @@ def test_knn_and_features_protocol_print_extraction_progress(folder, backbone_pt
     assert p.returncode == 0, p.stderr[-3000:]
     eta = r", elapsed \d+:\d\d:\d\d, ETA \d+:\d\d:\d\d \(at \d\d:\d\d\)"
     for name, batches in [("train", 3), ("val", 2)]:
-        found = re.findall(rf"^{name} features: batch (\d+)/{batches}{eta}$", p.stdout, re.M)
+        found = re.findall(rf"^\d\d:\d\d:\d\d {name} features: batch (\d+)/{batches}{eta}$", p.stdout, re.M)
         assert found and found[-1] == str(batches), p.stdout
 
 
@@ -2722,9 +2938,9 @@ def test_protocol_defaults_and_bad_combinations(folder, tmp_path):
     parse = eval_linear.parse_args
     for data in ["fashion-mnist", "cifar10", "cifar100"]:
         a = parse(["--data", data])
-        assert (a.protocol, a.epochs, a.batch_size, a.lr) == ("features", 500, 1000, 0.01)
+        assert (a.protocol, a.epochs, a.batch_size, a.lr_classifier) == ("features", 500, 1000, 0.01)
     a = parse(["--data", str(folder)])
-    assert (a.protocol, a.epochs, a.batch_size, a.lr, a.schedule) == ("images", 100, 256, 0.4, "step")
+    assert (a.protocol, a.epochs, a.batch_size, a.lr_classifier, a.schedule) == ("images", 100, 256, 0.4, "step")
     a = parse(["--data", "fashion-mnist", "--weights", "finetune"])
     assert (a.protocol, a.epochs, a.schedule) == ("images", 20, "const")
     assert parse(["--data", "cifar10", "--protocol", "images"]).epochs == 100
@@ -2782,8 +2998,8 @@ def test_run_imagenet_hyper_parameters(schedule, tmp_path):
                    SUBSET_10="/lists/10percent.txt", NPROC="8", NNODES="4", NODE_RANK="2",
                    MASTER_ADDR="10.1.2.3", MASTER_PORT="1234", OUT=None, EXTRA_ARGS=" ".join(PRETRAIN_EXTRA),
                    EVAL_ARGS=" ".join(EVAL_EXTRA), **({"DATA": ""} if schedule.startswith("cifar") else {}))
-    small = schedule in ("in100", "cifar10", "cifar100")          # k-NN reported, no SimCLR subsets
-    assert [c[0] for c in cmds] == ["torchrun"] * (4 if backbone_lr else 3 if small else 2)
+    # pretraining, linear, k-NN, and the two subsets of the rows fine-tuned (ImageNet's, not 100's)
+    assert [c[0] for c in cmds] == ["torchrun"] * (5 if backbone_lr else 3)
     for c in cmds:
         assert {"--nproc_per_node=8", "--nnodes=4", "--node_rank=2", "--master_addr=10.1.2.3",
                 "--master_port=1234"} <= set(c)
@@ -2797,7 +3013,9 @@ def test_run_imagenet_hyper_parameters(schedule, tmp_path):
     # two views on ImageNet are asked for: intl.py's default on an image folder is multi-crop
     assert ("--no-multi-crop" in pretrain) == (not multi_crop and not schedule.startswith("cifar"))
     assert flag(pretrain, "--projector") == projector and int(flag(pretrain, "--batch-size")) == batch
-    assert float(flag(pretrain, "--wd")) == wd and float(flag(pretrain, "--target-momentum")) == m0
+    assert float(flag(pretrain, "--wd")) == wd
+    # INTL has no momentum target: the flag (which intl.py refuses then) only on INTL-M rows
+    assert (float(flag(pretrain, "--target-momentum")) == m0) if method == "intl-m" else "--target-momentum" not in pretrain
     assert flag(linear, "--pretrained") == flag(pretrain, "--output-dir") + "/backbone.pth"
     for c in [linear, *rest]:
         assert script(c, tmp_path) == "eval_linear.py" and c[-len(EVAL_EXTRA):] == EVAL_EXTRA
@@ -2805,9 +3023,9 @@ def test_run_imagenet_hyper_parameters(schedule, tmp_path):
         assert float(flag(linear, "--lr-classifier")) == linear_lr and "--lr" not in linear
     else:                                       # the small-data protocol on features
         assert flag(linear, "--protocol") == "features" and not {"--lr", "--lr-classifier"} & set(linear)
-    if small:
-        assert "--knn" in rest[0] and flag(rest[0], "--pretrained") == flag(linear, "--pretrained")
-    for c, subset in zip(rest if backbone_lr else [], ["/lists/1percent.txt", "/lists/10percent.txt"]):
+    assert "--knn" in rest[0] and flag(rest[0], "--pretrained") == flag(linear, "--pretrained")
+    subsets = ["/lists/1percent.txt", "/lists/10percent.txt"] if backbone_lr else []
+    for c, subset in zip(rest[1:], subsets, strict=True):
         assert flag(c, "--weights") == "finetune" and flag(c, "--train-subset") == subset
         assert int(flag(c, "--epochs")) == 20 and float(flag(c, "--lr-classifier")) == 0.2
         assert float(flag(c, "--lr-backbone")) == backbone_lr
@@ -2815,7 +3033,7 @@ def test_run_imagenet_hyper_parameters(schedule, tmp_path):
 
 def test_run_imagenet_skips_finished_stages(tmp_path):
     cmds = dry_run(tmp_path, SCHEDULE="100", NPROC="1")
-    assert len(cmds) == 2   # no subset lists: no semi-supervised stage
+    assert len(cmds) == 3   # no subset lists: no semi-supervised stage
     os.makedirs(tmp_path / "out" / "pretrain")
     (tmp_path / "out" / "pretrain" / "done").touch()
     assert dry_run(tmp_path, SCHEDULE="100", NPROC="1") == cmds[1:]
@@ -2834,26 +3052,230 @@ def test_run_imagenet_counts_a_process_per_visible_gpu(tmp_path):
                                        ("4", None, None, 4), ("4", "2,5,7", "2", 2), ("0", None, None, 1)]:
         cmds = dry_run(tmp_path, PATH=f"{tmp_path / gpus}:{os.environ['PATH']}", CUDA_VISIBLE_DEVICES=visible,
                        NPROC=nproc)
-        assert {c[1] for c in cmds} == {f"--nproc_per_node={want}"}, (gpus, visible, nproc)
+        launcher = ["python3"] if want == 1 else ["torchrun", f"--nproc_per_node={want}"]   # one: no torchrun
+        assert {tuple(c[:len(launcher)]) for c in cmds} == {tuple(launcher)}, (gpus, visible, nproc)
 
 
-def test_run_imagenet_pretraining_runs_as_printed_from_another_directory(tmp_path):
-    """The default row's pretraining command, printed in a folder of the user's, runs there as
-    printed: on a tiny image folder DATA given relative to it, the sizes shrunk by EXTRA_ARGS
-    (last, so that they override the row's flags); its run lands in ./runs/in1k-100ep/pretrain."""
-    image_folder(str(tmp_path / "data"), n_per_class=16, size=32)            # 2 batches of 16
-    shrink = ("--arch resnet18 --projector 32-32-32 --batch-size 16 --epochs 1 --warmup-epochs 0 --workers 0 "
-              "--small-images --no-multi-crop --print-freq 1")
-    cmd = dry_run(tmp_path, DATA="data", OUT=None, NPROC="1", MASTER_PORT="0", EXTRA_ARGS=shrink)[0]
-    assert cmd[0] == "torchrun" and flag(cmd, "--target-momentum") == "0.996"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "runs" / "in1k-100ep" / "pretrain" / "checkpoint.pth")
-    assert (ckpt["epoch"], ckpt["step"]) == (1, 2) and ckpt["target"] is not None        # INTL-M
-    assert (ckpt["args"]["method"], ckpt["args"]["lr"], ckpt["args"]["wd"]) == ("intl-m", 0.5, 1e-5)
-    assert ckpt["args"]["target_momentum"] == 0.996
-    assert (tmp_path / "runs" / "in1k-100ep" / "pretrain" / "backbone.pth").is_file()
+def benchmark_args(argv):
+    own, rest = benchmark.parser().parse_known_args(argv)
+    return intl.parse_args(rest, need_data=False) if own.mode in ("step", "aug") else own
+
+
+# each script's own parser, as the script runs it
+PARSERS = {"intl.py": intl.parse_args, "eval_linear.py": eval_linear.parse_args,
+           "benchmark.py": benchmark_args, "figures.py": figures.parse_args}
+
+
+def refusal(cmd):
+    """'' if the script of a printed command (split into words) takes its arguments, else its
+    one-line refusal: the script's own parser, in this process."""
+    at = next(i for i, w in enumerate(cmd) if os.path.basename(w) in PARSERS)
+    name, argv = os.path.basename(cmd[at]), cmd[at + 1:]
+    if name == "intl.py" and not argv:
+        return ""                                   # the quick start: no flags to parse
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            PARSERS[name](argv)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                return f"{shlex.join(cmd)}\n  -> {e.code}"
+    return ""
+
+
+@pytest.mark.parametrize("schedule", sorted(PAPER_ROWS))
+def test_every_command_run_imagenet_prints_is_taken_by_its_script(schedule, tmp_path):
+    """Each row's commands, with and without the subset lists, on one process and on 8, through
+    the parser of the script each runs: a flag a row passes that its script refuses (e.g.
+    --target-momentum on an INTL row) would stop that row at its first command."""
+    data = {"DATA": ""} if schedule.startswith("cifar") else {}
+    for env in [{"NPROC": "1"}, {"NPROC": "8", "SUBSET_1": "1percent.txt", "SUBSET_10": "10percent.txt"},
+                {"NPROC": "1", "EXTRA_ARGS": " ".join(PRETRAIN_EXTRA), "EVAL_ARGS": " ".join(EVAL_EXTRA)}]:
+        cmds = dry_run(tmp_path, SCHEDULE=schedule, **data, **env)
+        assert len(cmds) >= 3 and [refusal(c) for c in cmds] == [""] * len(cmds)
+
+
+def printed_commands(text, markdown=True):
+    """Every command a page (or a docstring: every line) shows that runs one of the scripts, split
+    into words: lines of its code blocks (continuation lines joined) and inline code, from `python`
+    or `torchrun` on, up to a shell operator or a comment; placeholders get sample values."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) if markdown else [text]
+    lines = [line for b in blocks for line in re.sub(r"\\+\n", " ", b).splitlines()]
+    lines += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S)) if markdown else []
+    for line in lines:
+        if not re.search(r"\b(python3?|torchrun)\b.*\b(intl|eval_linear|benchmark|figures)\.py\b", line):
+            continue            # not a command (a program's output, prose)
+        for name, value in [("$NODE_RANK", "0"), ("$MASTER_ADDR", "node0"), ("$HOST", "node0"),
+                            ("$d", "512"), ("$b", "256"), ("$t", "4"), ("--seed S", "--seed 0"),
+                            ("[FLAGS]", "--transform power --power 0.25")]:
+            line = line.replace(name, value)
+        line = re.sub(r"\[(--[\w-]+)\]", r"\1", line)        # [--flag]: an optional flag, given
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        try:
+            words, part = list(lex), []
+        except ValueError:      # an unclosed quote: a usage line in words ("[intl.py's flags]")
+            continue
+        for w in words + [";"]:
+            if w and set(w) <= set("&|;()<>"):
+                runs = [i for i, v in enumerate(part) if v in ("python", "python3", "torchrun")]
+                if runs and any(os.path.basename(v) in PARSERS for v in part):
+                    cmd = part[runs[0]:]
+                    yield [x for v in cmd for x in (["--data", "/imagenet"] if v == "..." else [v])]
+                part = []
+            else:
+                part.append(w)
+
+
+def test_every_command_the_docs_print_is_taken_by_its_script():
+    """README.md, docs/*.md and detection/README.md: each command that runs intl.py, eval_linear.py,
+    benchmark.py or figures.py passes that script's parser, its placeholders given sample values."""
+    pages = ["README.md", "detection/README.md"] + sorted(
+        os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "docs", "*.md")))
+    seen = {}
+    for page in pages:
+        cmds = list(printed_commands(open(os.path.join(HERE, page)).read()))
+        seen[page] = len(cmds)
+        assert [refusal(c) for c in cmds] == [""] * len(cmds), page
+    assert seen["README.md"] >= 6 and seen["detection/README.md"] >= 1, seen
+    assert sum(seen.values()) >= 40, seen
+    for module in [intl, eval_linear, benchmark, figures]:       # what --help and the file's head show
+        cmds = list(printed_commands(module.__doc__, markdown=False))
+        assert [refusal(c) for c in cmds] == [""] * len(cmds), module.__name__
+        assert cmds or module is benchmark, module.__name__
+
+
+# ----------------------------------------------------------------------------- the paper's rows, end to end
+SYNSETS = ("n01440764", "n01443537")
+
+
+def imagenet_folder(root, n_train=8, n_val=4, size=40):
+    """train/ and val/ in ImageNet's layout, files named as ImageNet's and its SimCLR subset lists
+    name them (n01440764_0.JPEG in train/n01440764/), and the 1 % and 10 % lists: 2 and 4 names."""
+    rng = np.random.RandomState(0)
+    names = []
+    for split, n in [("train", n_train), ("val", n_val)]:
+        for c, synset in enumerate(SYNSETS):
+            os.makedirs(os.path.join(root, split, synset))
+            for i in range(n):
+                img = (rng.rand(size, size, 3) * 80 + (60 + 120 * c, 40, 200 - 120 * c)).clip(0, 255)
+                name = f"{synset}_{i}.JPEG"
+                Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, split, synset, name))
+                names += [name] if split == "train" else []
+    for pct, k in [(1, 1), (10, 2)]:
+        with open(os.path.join(root, f"{pct}percent.txt"), "w") as f:
+            f.write("".join(f"{synset}_{i}.JPEG\n" for synset in SYNSETS for i in range(k)))
+    return root
+
+
+def row(tmp_path, out, extra, evals, **env):
+    """bash run_imagenet.sh on one process, from tmp_path, in a process group of its own (a
+    scheduler's signal goes to the group)."""
+    env = {**os.environ, "NPROC": "1", "OUT": str(out), "EXTRA_ARGS": extra, "EVAL_ARGS": evals,
+           "OMP_NUM_THREADS": str(torch.get_num_threads()),     # as this process: the same sums
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **env}
+    return subprocess.Popen(["bash", os.path.join(HERE, "run_imagenet.sh")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finished(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def done(out, stage):
+    with open(os.path.join(out, stage, "done")) as f:
+        return json.load(f)
+
+
+SHRINK = "--arch resnet18 --projector 16-16 --batch-size 8 --warmup-epochs 0 --workers 0 --print-freq 1"
+EVAL_SHRINK = "--arch resnet18 --epochs 2 --batch-size 8 --workers 0 --print-freq 1"
+
+
+def test_an_intl_m_multi_crop_row_runs_end_to_end_and_a_rerun_trains_nothing(tmp_path):
+    """SCHEDULE=100 (INTL-M, the six crops of 224 to 96 px) on an 8-image folder: pretraining, the
+    linear protocol, the k-NN and fine-tuning on both subset lists, each done; then the same
+    command again runs nothing and says so."""
+    data = imagenet_folder(str(tmp_path / "imagenet"), n_train=4, n_val=2)
+    env = dict(SCHEDULE="100", DATA=data, SUBSET_1=f"{data}/1percent.txt", SUBSET_10=f"{data}/10percent.txt")
+    out = tmp_path / "row"
+    code, _, err = finished(row(tmp_path, out, SHRINK + " --epochs 1", EVAL_SHRINK, **env))
+    assert code == 0 and "every stage" in err, err[-3000:]
+    ckpt = torch.load(out / "pretrain" / "checkpoint.pth")
+    assert ckpt["args"]["method"] == "intl-m" and ckpt["target"] is not None
+    assert [c["size"] for c in ckpt["args"]["recipe"]] == [224, 224, 192, 160, 128, 96]
+    assert done(out, "pretrain")["epochs"] == 1 and done(out, "linear")["epochs"] == 2
+    assert set(done(out, "knn")) >= {"knn5_euclidean_majority_top1", "knn20_cosine_weighted_top1"}
+    for pct, n in [(1, 2), (10, 4)]:
+        args = json.load(open(out / f"semi-{pct}" / "args.json"))
+        assert (args["weights"], args["lr_backbone"], args["classes"]) == ("finetune", 0.004, 2)
+        assert done(out, f"semi-{pct}")["epochs"] == 2 and f"{n} train / 4 val" in open(out / f"semi-{pct}" / "log.txt").read()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, stdout, err = finished(row(tmp_path, out, SHRINK + " --epochs 1", EVAL_SHRINK, **env), timeout=60)
+    assert code == 0 and err.count("is done") == 6, err         # 5 stages skipped, and the row
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def cut_during(proc, log, marker, timeout=600):
+    """SIGTERM to the row's process group (what a scheduler sends) once its stage's log.txt shows
+    `marker`: the stage in flight saves and exits, then the script with code 143."""
+    end = time.time() + timeout
+    while not (os.path.exists(log) and marker in open(log).read()):
+        assert proc.poll() is None and time.time() < end, proc.communicate()
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, _, err = finished(proc)
+    assert code == 143 and "stopped by SIGTERM" in err, err[-3000:]
+    return err
+
+
+def test_a_two_view_row_cut_by_sigterm_in_every_stage_ends_as_an_uncut_one(tmp_path):
+    """SCHEDULE=800-2view (INTL, two views; 32-px crops here): first stopped by --stop-epoch 1, which
+    leaves the pretraining not done (exit 75, nothing evaluated), then SIGTERM during each stage in
+    turn; each rerun resumes the stage it cut. The end equals the same commands run straight:
+    weights, best accuracy and every result."""
+    data = imagenet_folder(str(tmp_path / "imagenet"), n_train=16, n_val=8)
+    env = dict(SCHEDULE="800-2view", DATA=data, SUBSET_1=f"{data}/1percent.txt",
+               SUBSET_10=f"{data}/10percent.txt")
+    extra, evals = SHRINK + " --small-images --epochs 2", EVAL_SHRINK + " --batch-size 4"
+    cut = tmp_path / "cut"
+    code, _, err = finished(row(tmp_path, cut, extra + " --stop-epoch 1", evals, **env))
+    assert code == 75 and "stopped before the end of its schedule" in err, err[-3000:]
+    assert not (cut / "pretrain" / "done").exists() and not (cut / "linear").exists()
+    for stage, marker in [("pretrain", "ep 2/2 step 1/4"), ("linear", "ep 1/2 step 1/"),
+                          ("knn", "features: batch 1/"), ("semi-1", "ep 1/2 step 1/"),
+                          ("semi-10", "ep 1/2 step 1/")]:
+        cut_during(row(tmp_path, cut, extra, evals, **env), cut / stage / "log.txt", marker)
+        assert not (cut / stage / "done").exists()
+    code, _, err = finished(row(tmp_path, cut, extra, evals, **env))
+    assert code == 0 and "every stage" in err, err[-3000:]
+    straight = tmp_path / "straight"      # the same commands, run uninterrupted in this process
+    for cmd in dry_run(tmp_path, OUT=str(straight), NPROC="1", EXTRA_ARGS=extra, EVAL_ARGS=evals, **env):
+        script, argv = os.path.basename(cmd[1]), cmd[2:]
+        main = (lambda a: intl.train(intl.parse_args(a))) if script == "intl.py" else eval_linear.main
+        assert in_process(main, argv).returncode == 0, script
+    for stage in ["pretrain", "linear", "knn", "semi-1", "semi-10"]:
+        a, b = done(straight, stage), done(cut, stage)
+        assert a.pop("time") and b.pop("time") and a == b, stage
+        assert "resumed from" in open(cut / stage / "log.txt").read() or stage == "knn"
+    for stage, name in [("pretrain", "checkpoint.pth"), ("linear", "best.pth"), ("semi-10", "checkpoint.pth")]:
+        a, b = torch.load(straight / stage / name), torch.load(cut / stage / name)
+        for key in ("model", "optimizer") if "checkpoint" in name else [None]:
+            flat_a, flat_b = tree_flatten(a if key is None else a[key])[0], tree_flatten(b if key is None else b[key])[0]
+            assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b, strict=True))
+
+
+def test_a_cifar_row_runs_end_to_end_on_files_in_cifars_format(tmp_path):
+    """SCHEDULE=cifar10 reads ./data/cifar-10-batches-py: pretraining with the authors' CIFAR
+    setting, the probe on features and the k-NN, each done."""
+    fake_cifar(str(tmp_path / "data"), "cifar10", n_per_batch=4)
+    out = tmp_path / "row"
+    code, _, err = finished(row(tmp_path, out, SHRINK.replace("--arch resnet18 ", "") + " --epochs 1",
+                                "--epochs 5 --batch-size 8 --workers 0", SCHEDULE="cifar10", DATA=""))
+    assert code == 0 and "every stage" in err, err[-3000:]
+    args = json.load(open(out / "pretrain" / "args.json"))
+    assert (args["data"], args["small_images"], args["decay_all"], args["method"]) == ("cifar10", True, True, "intl")
+    assert done(out, "linear")["protocol"] == "features" and "knn5_euclidean_majority_top1" in done(out, "knn")
 
 
 # ============================================================================= gpu_aug.py

@@ -19,6 +19,7 @@ the scripts pass in what they mean.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import errno
 import fcntl
@@ -55,16 +56,67 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+def attempt(fn):
+    """(fn(), None), or (None, its line) when fn stops with a one-line exit (fail)."""
+    try:
+        return fn(), None
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        return None, e.code
+
+
+def rank_of():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def exit_all(rank, line, code=1, group=None):
     """End this rank; rank 0 says why in one line (on stderr), so that N ranks print it once.
     With `group`, the ranks first wait for each other (for rank 0's save)."""
-    if rank == 0:
-        print(line, file=sys.stderr, flush=True)
     if group is not None:
         dist.barrier(group=group)
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_group()
+    if code == 1:           # as fail(): the line is the exit's (stderr, exit code 1)
+        sys.exit(line if rank == 0 else 1)
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def stop_together(problem, group, code=1):
+    """Every rank stops when any rank has a problem (a line), agreed in one collective of the CPU
+    group, so that none is left waiting in another: rank 0 prints the first rank's line."""
+    problems = [problem]
+    if group is not None:
+        problems = [None] * dist.get_world_size(group)
+        dist.all_gather_object(problems, problem, group=group)
+    first = next((p for p in problems if p), None)
+    if first:
+        exit_all(rank_of(), first, code)
+
+
+STOP_LATER = []     # the first stop met outside the ranks' agreement: a failed log write
+
+
+def stop_later(line):
+    """A write of rank 0's logs failed: the run goes on to the ranks' next agreement (a step, an
+    epoch's end, the run's end; Guard, RunFolder), where every rank stops with this line."""
+    if not STOP_LATER:
+        STOP_LATER.append(line)
+
+
+def stop_if_later(group):
+    """At an agreement of the ranks: every rank stops if a log write of any has failed."""
+    stop_together(STOP_LATER.pop() if STOP_LATER else None, group)
+
+
+def exit_on_ctrl_c(main):
+    """main(), with a Ctrl-C that comes before a run handles its stop signals as one line (exit
+    130), not a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        sys.exit("stopped by Ctrl-C before the run had started: nothing to save")
 
 
 CPU_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -75,11 +127,13 @@ def default_workers():
     return max(1, min(8, CPU_CORES // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-RANGES = {"positive": lambda v: v > 0, "0 or more": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1}
+RANGES = {"positive": lambda v: 0 < v < math.inf, "0 or more": lambda v: 0 <= v < math.inf,
+          "in [0, 1]": lambda v: 0 <= v <= 1}
 
 
 def check_ranges(args, rules):
-    """rules {"positive": "epochs lr", ...}: one line for the first number out of its range (NaN too)."""
+    """rules {"positive": "epochs lr", ...}: one line for the first number out of its range (NaN
+    and infinity too)."""
     for rule, names in rules.items():
         for name in names.split():
             v = getattr(args, name)
@@ -114,9 +168,10 @@ def cuda_device(local_rank, visible):
     return torch.device("cuda", local_rank)
 
 
-def setup_distributed(batch_size):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); plain python runs one process.
-    The global batch must split evenly: checked before any process group is joined."""
+def setup_distributed(batch_size, timeout_minutes=30):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); plain python runs one process. The
+    global batch must split evenly: checked before any process group is joined. A collective
+    waits timeout_minutes for the other ranks (a first compilation takes minutes)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     torch.backends.cudnn.benchmark = True    # fixed crop shapes: pick the fastest convolutions once
     if batch_size % world:
@@ -132,7 +187,9 @@ def setup_distributed(batch_size):
     # ranks read the addresses of the dead ones and cannot connect
     store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    host_group(timeout)
     return rank, world, device
 
 
@@ -160,21 +217,42 @@ def gather(z):
     return z
 
 
+def mean_over_ranks(t):
+    """The mean of t over the ranks: an all-reduce on t's device (under NCCL, no host sync)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def destroy_process_group():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    HOST_GROUP.clear()
+
+
 def leave_process_group():
     """Every rank leaves together (a barrier first): with gloo, a rank that tears the group down
-    while another still works (rank 0 saving) can hang both at exit."""
+    while another still works (rank 0 saving) can hang both at exit. A log write that failed on
+    the way stops them all here (stop_later)."""
+    stop_if_later(host_group())
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    destroy_process_group()
 
 
 def on_rank0(read):
     """read() on rank 0, its result sent to every process: all act on rank 0's view of the files,
-    also where each node has an output folder of its own."""
-    box = [read() if not dist.is_initialized() or dist.get_rank() == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    also where each node has an output folder of its own. If read() stops in one line (fail),
+    every rank stops with it."""
+    box = [attempt(read) if rank_of() == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0, group=host_group())
+    value, problem = box[0]
+    if problem:
+        exit_all(rank_of(), problem)
+    return value
 
 
 def autocast_dtype(amp, device):
@@ -229,14 +307,30 @@ def make_output_dir(path):
         fail(f"--output-dir {path}: {'a file, not a folder' if os.path.isfile(path) else e.strerror or e}")
 
 
-class Tee:
-    """A text stream that also appends what it is given to a file (the console's log.txt)."""
+RESUME = "free space and run the same command: it continues from its last checkpoint"
 
-    def __init__(self, stream, path):
-        self.stream, self.file = stream, open(path, "a", buffering=1)
+
+def append_whole(f, data):
+    """Append bytes to the unbuffered file f whole or not at all: a write cut short (a full disk)
+    is truncated away before its OSError goes on."""
+    size = os.fstat(f.fileno()).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+    except OSError:
+        f.truncate(size)
+        raise
+
+
+class Tee:
+    """A text stream that also hands what it is given to `copy` (the run folder's log.txt)."""
+
+    def __init__(self, stream, copy):
+        self.stream, self.copy = stream, copy
 
     def write(self, text):
-        self.file.write(text)
+        self.copy(text)
         return self.stream.write(text)
 
     def __getattr__(self, name):
@@ -247,16 +341,19 @@ class RunFolder:
     """--output-dir of a run, held for its duration (`with RunFolder(...)`): created and checked
     for writing, locked against a second run (a dead run's lock is free: the kernel drops it),
     rank 0's console copied to log.txt, the settings written to args.json once the run starts
-    (start()). A run that fails before it has trained leaves no folder it created, and the
-    args.json of the run the folder holds as it was."""
+    (start()), `done` written when the whole run has finished (finish()). A run that fails
+    before it has trained leaves no folder it created, and the folder's args.json as it was."""
 
     def __init__(self, path, rank, settings):
-        self.path, self.rank, self.settings, self.lock = path, rank, settings, None
+        self.path, self.rank, self.settings, self.lock, self.log = path, rank, settings, None, None
         self.created, self.started = False, False
 
     def __enter__(self):
-        if self.rank != 0:
-            return self
+        problem = attempt(self.take)[1] if self.rank == 0 else None
+        stop_together(problem, host_group())     # a folder in use stops every rank
+        return self
+
+    def take(self):
         self.created = not os.path.exists(self.path)
         make_output_dir(self.path)
         self.lock = open(os.path.join(self.path, "run.lock"), "a+")
@@ -272,26 +369,49 @@ class RunFolder:
         self.lock.truncate()
         self.lock.write(f"process {os.getpid()} on {os.uname().nodename}\n")
         self.lock.flush()
+        self.log = open(os.path.join(self.path, "log.txt"), "ab", buffering=0)
         self.stdout, self.stderr = sys.stdout, sys.stderr
-        sys.stdout = Tee(sys.stdout, os.path.join(self.path, "log.txt"))
-        sys.stderr = Tee(sys.stderr, os.path.join(self.path, "log.txt"))
-        return self
+        sys.stdout, sys.stderr = Tee(sys.stdout, self.copy_to_log), Tee(sys.stderr, self.copy_to_log)
+
+    def copy_to_log(self, text):
+        """log.txt takes the console's text; a failed write (a full disk) leaves it whole, is not
+        tried again, and stops the run at the ranks' next agreement (stop_later)."""
+        if self.log is None:
+            return
+        try:
+            append_whole(self.log, text.encode())
+        except OSError as e:
+            self.log.close()
+            self.log = None
+            stop_later(f"error: cannot write {os.path.join(self.path, 'log.txt')}: "
+                       f"{disk_error(e, self.path)}; {RESUME}")
 
     def start(self):
-        """Training begins: these settings are the folder's (a refused resume leaves them)."""
+        """The run begins: these settings are the folder's (a refused resume leaves them), it is
+        no longer done, and the partial files of saves cut short by earlier runs go."""
         self.started = True
         if self.rank == 0:
+            remove_partial_saves(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.path, "done"))
             write_json(os.path.join(self.path, "args.json"), self.settings)
+
+    def finish(self, summary):
+        """The whole run has finished (not a --stop-epoch, a signal or a failure): FOLDER/done holds
+        the summary, which is what a pipeline (run_imagenet.sh) counts as done."""
+        stop_if_later(host_group())      # not done while a log write has failed
+        if self.rank == 0:
+            write_json(os.path.join(self.path, "done"), {**summary, "time": round(time.time(), 3)})
 
     def __exit__(self, kind, error, trace):
         if self.rank != 0:
             return False
         if kind is not None and not (kind is SystemExit and not isinstance(error.code, str)):
             why = error.code if kind is SystemExit else f"{kind.__name__}: {error}"
-            print(why, file=sys.stderr.file)    # the reason of a failed run goes to log.txt too
-        sys.stdout.file.close()
-        sys.stderr.file.close()
+            self.copy_to_log(f"{why}\n")     # the reason of a failed run goes to log.txt too
         sys.stdout, sys.stderr = self.stdout, self.stderr
+        if self.log is not None:
+            self.log.close()
         self.lock.close()       # and its flock with it
         if kind is not None and self.created and not self.started:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -302,16 +422,26 @@ def write_json(path, obj):
     save_atomic(obj, path, lambda o, f: f.write(json.dumps(o, indent=1).encode()))
 
 
+def json_safe(value):
+    """A record as JSON allows it: a float that is not finite (a diverged loss) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_log(folder, rec, name="log.jsonl"):
-    """One JSON object per line in FOLDER/NAME (call it on rank 0); a failed write (a full disk)
-    stops the run in one line."""
+    """One JSON object per line in FOLDER/NAME (call it on rank 0), whole or not at all; a failed
+    write (a full disk) stops the run at the ranks' next agreement (stop_later)."""
     path = os.path.join(folder, name)
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        with open(path, "ab", buffering=0) as f:
+            append_whole(f, (json.dumps(json_safe(rec)) + "\n").encode())
     except OSError as e:
-        sys.exit(f"error: cannot write {path}: {disk_error(e, folder)}; the checkpoint is intact: "
-                 f"free space and run the same command to resume")
+        stop_later(f"error: cannot write {path}: {disk_error(e, folder)}; {RESUME}")
 
 
 # ----------------------------------------------------------------------------- progress
@@ -380,15 +510,14 @@ class Progress:
         now = time.time()
         figures = {k: v.item() if torch.is_tensor(v) else v for k, v in figures.items()}
         rec = {"epoch": self.current, "step": step, **figures,
-               "img_per_s": self.images / (now - self.t_last), "data_wait": self.wait / (now - self.t_last),
-               "time": round(now, 3)}
+               "img_per_s": self.images / (now - self.t_last), "data_wait": self.wait / (now - self.t_last)}
         done = i + 1 - self.first       # this process's steps of this epoch, for the rates
         per_step = (now - self.epoch_start) / done
         left = self.steps - i - 1
         run_left = left + (self.epochs - self.current - 1) * self.steps
-        self.print(f"ep {self.current + 1}/{self.epochs} step {i + 1}/{self.steps} loss {rec['loss']:.4f} "
-                   f"(nmse {rec['nmse']:.4f} tl {rec['trace_loss']:.3f}) lr {rec['lr']:.4g} "
-                   f"{rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%, "
+        self.print(f"ep {self.current + 1}/{self.epochs} step {i + 1}/{self.steps} "
+                   + " ".join(f"{k} {v:.6g}" for k, v in figures.items())
+                   + f" {rec['img_per_s']:.0f} img/s, data wait {100 * rec['data_wait']:.0f}%, "
                    f"elapsed {clock(now - self.start)}, ETA epoch {clock(per_step * left)}, "
                    f"run {clock(per_step * run_left)}")
         self.record(rec)
@@ -424,7 +553,7 @@ class Progress:
                          for kk, vv in v.items() if isinstance(vv, (int, float))})
             for k, v in flat.items():
                 if k not in ("epoch", "step", "time"):
-                    self.tb.add_scalar(k, v, rec["step"])
+                    self.tb.add_scalar(k, v, rec.get("step", rec["epoch"]))
             self.tb.flush()
 
     def finish(self):
@@ -497,7 +626,7 @@ class Unreadable:
     a one-line stop once an epoch (or pass) has more than max_fraction of its images unreadable."""
 
     def __init__(self, max_fraction):
-        self.max_fraction, self.reported, self.first, self.count = max_fraction, set(), None, 0
+        self.max_fraction, self.reported, self.first = max_fraction, set(), None
 
     def add(self, problems):
         """Report a batch's new problems on stderr; returns how many of its images were replaced."""
@@ -507,23 +636,31 @@ class Unreadable:
                 self.reported.add(p)
                 self.first = self.first or p
                 print(f"warning: unreadable image replaced by another: {p}", file=sys.stderr, flush=True)
-        self.count += len(found)
         return len(found)
 
-    def check(self, count, images, rank=0):
+    def check(self, count, images, rank=0, where="this epoch"):
+        """count: agreed over the ranks, so that every rank takes the same decision."""
         if count > self.max_fraction * images:
             first = f" (first: {self.first})" if self.first else ""
-            exit_all(rank, f"error: {count} of {images} images unreadable in this epoch, more than "
+            exit_all(rank, f"error: {count} of {images} images unreadable in {where}, more than "
                            f"--max-bad-files {self.max_fraction}{first}; repair or remove them, or "
                            f"raise --max-bad-files")
 
-    def batches(self, loader):
-        """(x, y) of each batch of a loader of (x, y, problems); each pass is checked on its own."""
-        count = 0
-        for x, y, problems in loader:
-            count += self.add(problems)
-            self.check(count, len(loader.sampler))
-            yield x, y
+
+class PassWatch:
+    """Called after each batch of a pass that every rank takes (features, a val pass): counts its
+    unreadable files over the ranks (`count`), stops in one line past --max-bad-files of the
+    pass's images, and returns True once any rank has a stop signal (one CPU collective)."""
+
+    def __init__(self, unreadable, images, stop, group, where):
+        self.unreadable, self.images, self.stop, self.group, self.where = unreadable, images, stop, group, where
+        self.count = 0
+
+    def __call__(self, problems):
+        stopping, bad = agree([self.stop.signum, self.unreadable.add(problems)], self.group)
+        self.count += bad
+        self.unreadable.check(self.count, self.images, rank_of(), self.where)
+        return bool(stopping)
 
 
 # ----------------------------------------------------------------------------- data files
@@ -611,9 +748,18 @@ def image_folder(root, transform, loader=load_rgb):
             fail(f"--data {data} is not a folder: did you mean --data {close[0]}?")
         fail(f"{root} not found: --data DIR must hold DIR/train/<class>/<image> (ImageNet layout)")
     try:
-        return SkipUnreadable(root, transform, loader=loader)
+        folder = SkipUnreadable(root, transform, loader=loader, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"no images in {root}: {str(e).splitlines()[0]}")
+    full = set(folder.targets)
+    empty = [c for c, i in folder.class_to_idx.items() if i not in full]
+    if not full:
+        fail(f"no images in {root}: its {len(empty)} class folder(s) hold no image files")
+    if empty:
+        fail(f"{os.path.join(root, empty[0])} holds no images" + (f" (nor {len(empty) - 1} more class "
+             f"folders)" if len(empty) > 1 else "") + f"; {len(full)} of {len(folder.classes)} class "
+             f"folders do: remove the empty ones or add their images")
+    return folder
 
 
 SMALL_DATA = ["fashion-mnist", "cifar10", "cifar100"]
@@ -634,6 +780,23 @@ def random_subset(ds, n):
         return ds
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n]
     return torch.utils.data.Subset(ds, idx.tolist())
+
+
+class Shard(torch.utils.data.Dataset):
+    """Every world-th item from `rank` on, padded to the same length on every rank (so that the
+    ranks' batches, and their agreements, line up) with items labelled -1, dropped after."""
+
+    def __init__(self, dataset, rank, world):
+        self.dataset, self.items = dataset, range(rank, len(dataset), world)
+        self.length = math.ceil(len(dataset) / world)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if i < len(self.items):
+            return self.dataset[self.items[i]]
+        return self.dataset[0][0], -1, ""
 
 
 # ----------------------------------------------------------------------------- the evaluation view
@@ -682,11 +845,11 @@ class StopSignals:
     def catch(self, signum, frame):
         self.signum = self.signum or signum
 
-    def exit(self, rank, step, path, group):
-        """Every rank exits as if killed by the signal (128 + its number) once rank 0 has saved."""
+    def exit(self, rank, where, group=None):
+        """Every rank exits as if killed by the signal (128 + its number), after `group`'s barrier
+        (rank 0's save), rank 0 with the line 'stopped by SIGNAL <where>'."""
         name = signal.Signals(self.signum).name if self.signum else "a signal to another rank"
-        exit_all(rank, f"stopped by {name} after step {step}: {path} holds this point; run the "
-                       f"same command to resume", 128 + (self.signum or signal.SIGTERM), group)
+        exit_all(rank, f"stopped by {name} {where}", 128 + (self.signum or signal.SIGTERM), group)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -699,12 +862,17 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(s, signal.SIG_IGN)
 
 
-def host_group():
+HOST_GROUP = []     # the gloo group of the ranks' small agreements, made once per process
+
+
+def host_group(timeout=None):
     """A gloo group for the ranks' small agreements (None for one process): CPU tensors, so
-    under NCCL it never waits for the GPU."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.new_group(backend="gloo")
-    return None
+    under NCCL it never waits for the GPU. Made once, by every rank (setup_distributed)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if not HOST_GROUP:
+        HOST_GROUP.append(dist.new_group(backend="gloo", timeout=timeout))
+    return HOST_GROUP[0]
 
 
 def agree(values, group):
@@ -725,17 +893,19 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(list(super().__iter__())[self.skip:])
 
 
-def train_loader(dataset, batch_size, rank, world, seed, workers, device, collate=collate):
+def train_loader(dataset, batch_size, rank, world, seed, workers, device, collate=collate,
+                 drop_last=True):
     """Each rank reads its share of a global batch; the sampler reshuffles every epoch. drop_last:
-    N // batch steps per epoch on any number of processes (no padding repeats); an epoch can start
-    part-way (a mid-epoch checkpoint); batches end with their unreadable files."""
-    sampler = ResumableSampler(dataset, world, rank, seed=seed, drop_last=True)
+    N // batch steps per epoch on any number of processes (no padding repeats; else the sampler
+    pads with repeats and the last batch is smaller); an epoch can start part-way (a mid-epoch
+    checkpoint); batches end with their unreadable files."""
+    sampler = ResumableSampler(dataset, world, rank, seed=seed, drop_last=drop_last)
     per_rank = batch_size // world
-    if len(sampler) < per_rank:
+    if drop_last and len(sampler) < per_rank:
         fail(f"{len(dataset)} images are fewer than one batch of {batch_size}")
     return torch.utils.data.DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
         worker_init_fn=ignore_stop_signals,   # workers' seeds: drawn from the rank's stream
         generator=torch.Generator().manual_seed(int(torch.randint(2**62, ()))))
 
@@ -913,11 +1083,16 @@ def read_everywhere(path, group):
     """The checkpoint at `path` as rank 0 sees it: where every rank sees the same file (a shared
     folder), each reads it itself, memory-mapped; else (a node's own folder, without it or with
     a stale one) rank 0's copy is broadcast."""
-    theirs = on_rank0(lambda: file_identity(path))
-    if theirs is None:
-        fail(f"--resume {path}: no such file")
+    def identity():
+        if os.path.isdir(path):
+            fail(f"--resume {path} is a directory, not a checkpoint file")
+        return file_identity(path) or fail(f"--resume {path}: no such file")
+
+    theirs = on_rank0(identity)
     if agree([file_identity(path) != theirs], group)[0] == 0:
-        return load_checkpoint(path, mmap=True)
+        ckpt, problem = attempt(lambda: load_checkpoint(path, mmap=True))
+        stop_together(problem, group)
+        return ckpt
     return on_rank0(lambda: load_checkpoint(path))
 
 
@@ -931,6 +1106,7 @@ class TrainState:
     aug: torch.Generator = None         # --gpu-aug's random stream
     amp: torch.dtype = None             # the autocast dtype (None: float32)
     device: torch.device = None
+    best: dict = None                   # an evaluation's best val accuracy so far
 
     def train(self):
         """Training mode for both networks: BN layers use the batch's statistics in each."""
@@ -949,12 +1125,20 @@ def match_layouts(optimizer):
                 state[k] = torch.empty_like(p).copy_(v)      # empty_like keeps p's strides
 
 
+def start_afresh(folder):
+    """--restart: the logs of the runs the folder held become *.jsonl.old (replacing older ones)."""
+    print(f"--restart: starting afresh in {folder}", flush=True)
+    for log in glob.glob(os.path.join(glob.escape(folder), "*.jsonl")):
+        os.replace(log, log + ".old")
+        print(f"--restart: {log} renamed {log}.old", flush=True)
+
+
 class Checkpoints:
-    """checkpoint.pth of a training run in FOLDER, with the files exported beside it
-    (`exports(online)` -> {name: object}, e.g. backbone.pth). `settings` (plain values) is what the
-    run computes; a resume continues only a file with the same `describe(settings)` (the network,
-    in words) and the same settings but the `free` ones, unless allow_changed: then from the
-    file's point, in this run's steps."""
+    """checkpoint.pth of a run in FOLDER, with the files exported beside it (`exports(state)` ->
+    {name: object}, e.g. backbone.pth). `settings` (plain values) is what the run computes; a
+    resume continues only a file with the same `describe(settings)` (what the run trains, in
+    words) and the same settings but the `free` ones, unless allow_changed: then from the file's
+    point, in this run's steps. Rank 0 writes; a failed write stops every rank with its line."""
 
     def __init__(self, folder, state, settings, free, describe, exports, rank, world, group, device):
         self.folder, self.path, self.state, self.settings = folder, os.path.join(folder, "checkpoint.pth"), state, settings
@@ -962,56 +1146,68 @@ class Checkpoints:
         self.rank, self.world, self.group, self.device = rank, world, group, device
 
     def save(self, epoch, step, exports=False):
-        """Rank 0 writes `epoch` whole epochs and `step` steps done (more than epoch x steps per
-        epoch: a mid-epoch save), with every rank's random streams; the exports first, so that a
-        cut-off save is redone, exports included, by the resumed run."""
+        """`epoch` whole epochs and `step` steps done (more than epoch x steps per epoch: a
+        mid-epoch save), with every rank's random streams; the exports first, so that a cut-off
+        save is redone, exports included, by the resumed run."""
         rngs = [rng_state(self.state.aug, self.device)]
         if self.world > 1:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, rng_state(self.state.aug, self.device))
-        if self.rank != 0:
-            return
+        s = self.state
+        ckpt = lambda: {"model": unwrap(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),  # noqa: E731
+                        "target": s.target.state_dict() if s.target else None, "best": s.best,
+                        "scaler": s.scaler.state_dict() if s.scaler else None, "epoch": epoch,
+                        "step": step, "rng": rngs, "args": self.settings,
+                        "describe": self.describe(self.settings)}
         if exports:
             self.export()
-        online, s = unwrap(self.state.model), self.state
-        save_atomic({"model": online.state_dict(), "target": s.target.state_dict() if s.target else None,
-                     "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
-                     "epoch": epoch, "step": step, "rng": rngs, "args": self.settings}, self.path)
+        self.write(lambda: save_atomic(ckpt(), self.path))
 
     def export(self):
-        for name, obj in self.exports(unwrap(self.state.model)).items():
-            save_atomic(obj, os.path.join(self.folder, name))
+        self.write(lambda: [save_atomic(obj, os.path.join(self.folder, name))
+                            for name, obj in self.exports(self.state).items()])
+
+    def write(self, save):
+        """save() on rank 0; if it fails (a full disk), every rank stops with its line."""
+        stop_together(attempt(save)[1] if self.rank == 0 else None, self.group)
 
     def resume(self, path=None, restart=False, allow_changed=False):
-        """(epoch, step) to start from: PATH, else FOLDER/checkpoint.pth unless `restart`, else
-        (0, 0). Rank 0 then clears what runs cut short left: partial saves, log records after the
-        checkpoint."""
+        """(epoch, step) to start from: PATH, else FOLDER/checkpoint.pth unless `restart` (then the
+        logs become *.old), else (0, 0). Rank 0 then drops the log records written after the
+        checkpoint (by a run killed later)."""
         path = on_rank0(lambda: path or (self.path if os.path.exists(self.path) and not restart else None))
         epoch, step = self.load(path, allow_changed) if path else (0, 0)
         if self.rank == 0:
             if path:
                 print(f"resumed from {path} at epoch {epoch}, step {step}", flush=True)
             elif restart:
-                print(f"--restart: starting afresh in {self.folder}", flush=True)
-            remove_partial_saves(self.folder)
+                start_afresh(self.folder)
             drop_log_records_after(os.path.join(self.folder, "log.jsonl"), "step", step)
             drop_log_records_after(os.path.join(self.folder, "spectrum.jsonl"), "epoch", epoch)
         return epoch, step
 
     def load(self, path, allow_changed=False):
+        """Restores the state from PATH; a file that does not fit stops every rank in one line."""
         ckpt = read_everywhere(path, self.group)
+        restored, problem = attempt(lambda: self.restore(ckpt, path, allow_changed))
+        stop_together(problem, self.group)
+        return restored
+
+    def restore(self, ckpt, path, allow_changed):
         step = self.resumable(ckpt, path, allow_changed)
         s = self.state
         try:
             unwrap(s.model).load_state_dict(ckpt["model"])
             if s.target is not None:
                 s.target.load_state_dict(ckpt["target"])
+            mine = [{k: v for k, v in g.items() if k != "params"} for g in s.optimizer.param_groups]
             s.optimizer.load_state_dict(ckpt["optimizer"])
             match_layouts(s.optimizer)
-            for g in s.optimizer.param_groups:   # fused on GPUs: this run's choice, not the file's
-                g["fused"] = s.optimizer.defaults["fused"]
-            if ckpt["scaler"]:       # none without fp16: a fresh one (--amp may change on resume)
+            for g, settings in zip(s.optimizer.param_groups, mine):
+                g.update(settings)       # this run's lr, weight decay, fused: the file's buffers only
+            if ckpt["scaler"] and s.scaler:   # none without fp16: a fresh one (--amp may change)
                 s.scaler.load_state_dict(ckpt["scaler"])
+            s.best = ckpt.get("best", s.best)
             resume_rng_state(ckpt["rng"], self.rank, s.aug, self.device)
         except (KeyError, TypeError, RuntimeError, ValueError) as e:
             fail(f"checkpoint {path} does not match this run ({self.describe(self.settings)}): "
@@ -1019,16 +1215,17 @@ class Checkpoints:
         return ckpt["epoch"], step
 
     def resumable(self, ckpt, path, allow_changed):
-        """The step to continue from if `ckpt` is a training checkpoint of this network and
+        """The step to continue from if `ckpt` is a checkpoint of what this run trains, with its
         settings, else one line on what differs."""
         if not isinstance(ckpt, dict) or "step" not in ckpt:
-            kinds = {"conv1.weight": "a bare backbone (backbone.pth)"}
-            fail(f"--resume {path} holds {file_kind(ckpt, kinds)}, not a training checkpoint.pth")
+            kinds = {"conv1.weight": "a bare backbone (backbone.pth)", "best": "an older evaluation's checkpoint"}
+            fail(f"--resume {path} holds {file_kind(ckpt, kinds)}, not a run's checkpoint.pth")
         now = self.settings
         made = {**now, **(ckpt.get("args") or {})}   # what the file does not record counts as this run's
-        if self.describe(made) != self.describe(now):
-            fail(f"checkpoint {path} does not match this run: it holds {self.describe(made)}, this "
-                 f"run builds {self.describe(now)}")
+        theirs = ckpt.get("describe") or self.describe(made)
+        if theirs != self.describe(now):
+            fail(f"checkpoint {path} does not match this run: it holds {theirs}; this run: "
+                 f"{self.describe(now)}. Use another --output-dir, or add --restart to start afresh")
         diffs = [f"{k.replace('_', '-')} {made[k]} -> {v}" for k, v in now.items()
                  if k not in self.free and made[k] != v]
         if not diffs:
@@ -1052,18 +1249,23 @@ class Guard:
     `check_every` steps, nothing here waits for the GPU."""
 
     def __init__(self, checkpoints, images, max_bad_files, max_nonfinite, save_every_minutes,
-                 check_every, nonfinite_hint="lower --lr"):
+                 check_every, nonfinite_hint="lower --lr", stop=None, unreadable=None):
         self.ckpt, self.images, self.group = checkpoints, images, checkpoints.group
         self.max_nonfinite, self.hint, self.check_every = max_nonfinite, nonfinite_hint, check_every
         self.every_s, self.last_save = 60 * save_every_minutes, time.time()
-        self.stop, self.unreadable = StopSignals(), Unreadable(max_bad_files)
+        self.stop = stop or StopSignals()
+        self.unreadable = unreadable or Unreadable(max_bad_files)
         self.nonfinite = torch.zeros(3, device=checkpoints.device)   # skipped, current run, longest
         self.stopping, self.bad_files = False, 0
 
     def after_step(self, epoch, step, loss, problems, last):
+        """loss: the same on every rank (the global batch's), so that they decide alike."""
         count_nonfinite(self.nonfinite, loss)
         due = self.every_s and time.time() - self.last_save > self.every_s
-        stopping, due, bad = agree([self.stop.signum, due, self.unreadable.add(problems)], self.group)
+        stopping, due, bad, later = agree([self.stop.signum, due, self.unreadable.add(problems),
+                                           bool(STOP_LATER)], self.group)
+        if later:       # a log write failed: the checkpoint holds the last save
+            stop_if_later(self.group)
         self.stopping, self.bad_files = bool(stopping), self.bad_files + bad
         self.unreadable.check(self.bad_files, self.images, self.ckpt.rank)
         if step % self.check_every == 0:
@@ -1087,17 +1289,21 @@ class Guard:
         self.ckpt.save(epoch, step, exports)
         self.last_save = time.time()
 
-    def end_epoch(self, epoch, step):
-        """Saves the epoch (checkpoint and exports); returns its counts, reset for the next."""
-        self.save(epoch, step, exports=True)
+    def end_epoch(self, epoch, step, exports=True):
+        """Saves the epoch (the exports, then the checkpoint); returns its counts, reset for the
+        next."""
+        self.save(epoch, step, exports)
         counts = {"unreadable": self.bad_files, "nonfinite": int(self.nonfinite[0])}
         self.bad_files = 0
         self.nonfinite[0] = 0
         return counts
 
     def stop_if_asked(self, step):
-        if self.stopping:
-            self.stop.exit(self.ckpt.rank, step, self.ckpt.path, self.group)
+        """After a save: every rank stops once any has a stop signal (at an epoch's end, also one
+        that came during the monitor or the val pass)."""
+        if self.stopping or agree([self.stop.signum], self.group)[0]:
+            self.stop.exit(self.ckpt.rank, f"after step {step}: {self.ckpt.path} holds this point; "
+                                            f"run the same command to resume", self.group)
 
     def close(self):
         self.stop.restore()
@@ -1105,18 +1311,20 @@ class Guard:
 
 # ----------------------------------------------------------------------------- k-NN and linear probe on frozen features
 @torch.no_grad()
-def features(backbone, dataset, device, batch_size=1000, workers=0, unreadable=None, log=None,
+def features(backbone, dataset, device, batch_size=1000, workers=0, after_batch=None, log=None,
              label="features: batch"):
-    """RAW (not normalised) features of the backbone in eval mode, and the labels; unreadable
-    files are replaced (and counted by `unreadable`, an Unreadable, if given). With `log`, the
-    pass reports its progress (progress); without, it is silent (the online monitor)."""
+    """RAW (not normalised) features of the backbone in eval mode, and the labels; None when
+    after_batch(problems), called after each batch, says stop (a stop signal: within a batch).
+    With `log`, the pass reports its progress (progress); without, it is silent (the monitor)."""
     backbone.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate)
-    batches = unreadable.batches(loader) if unreadable else ((x, y) for x, y, _ in loader)
-    if log is not None:
-        batches = progress(batches, len(loader), label, log)
-    out = [(backbone(x.to(device)).float(), y.to(device)) for x, y in batches]
+    batches = loader if log is None else progress(loader, len(loader), label, log)
+    out = []
+    for x, y, problems in batches:
+        out.append((backbone(x.to(device)).float(), y.to(device)))
+        if after_batch is not None and after_batch(problems):
+            return None
     return torch.cat([f for f, _ in out]), torch.cat([y for _, y in out])
 
 
@@ -1195,12 +1403,18 @@ def spectrum(x):
     return {"cond": cond, "erank": erank, "eigenvalues": [float(f"{v:.5g}") for v in lam.flip(0).tolist()]}
 
 
-def monitor(backbone, pair, device, workers=0):
+def monitor(backbone, pair, device, workers=0, stop=None):
     """The online monitor on pair = (bank, queries): the 5-NN top-1 (%) of the queries (the
     authors' small-data k-NN) and that of a linear probe trained on the bank's features
-    (train_probe, 100 epochs), each from the same features, computed once."""
+    (train_probe, 100 epochs), each from the same features, computed once; {} when a stop
+    signal (StopSignals) comes: the run stops within the batch in flight."""
+    stopping = None if stop is None else (lambda problems: bool(stop.signum))
     with torch.random.fork_rng(devices=[]):     # the training run's random streams are untouched
-        (fb, lb), (fq, lq) = (features(backbone, ds, device, workers=workers) for ds in pair)
+        bank = features(backbone, pair[0], device, workers=workers, after_batch=stopping)
+        queries = bank and features(backbone, pair[1], device, workers=workers, after_batch=stopping)
+        if queries is None:
+            return {}
+        (fb, lb), (fq, lq) = bank, queries
         torch.manual_seed(0)
         linear = train_probe(fb, lb, fq, lq, int(lb.max()) + 1, 100, every=100, report=lambda rec: None)[0]
     return {"knn5_top1": 100 * (knn_predict(fb, lb, fq, k=5) == lq).float().mean().item(), "linear_top1": linear}
