@@ -100,9 +100,12 @@ def hide_cuda(mp):
 @pytest.fixture(autouse=True)
 def cuda_hidden_unless_gpu(request, monkeypatch):
     """Tests not marked gpu run as on a CPU-only machine, also where CI has a GPU: the same
-    devices, dtypes and code paths, whichever machine runs them."""
+    devices, dtypes and code paths, whichever machine runs them. Tests marked gpu skip, saying
+    why, where there is no GPU."""
     if request.node.get_closest_marker("gpu") is None:
         hide_cuda(monkeypatch)
+    elif not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
 # ----------------------------------------------------------------------------- references
