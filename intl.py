@@ -317,7 +317,7 @@ def train_step(state, views, m, args):
     online, target = utils.unwrap(state.model), state.target
     if target is not None:
         update_momentum(target, online, m)
-    saved = utils.buffers_of(online, target)
+    saved = state.bn_copies = utils.buffers_of(online, target, into=vars(state).get("bn_copies"))
     with torch.autocast(views[0].device.type, dtype=state.amp, enabled=state.amp is not None):
         z_target = None
         if target is not None:       # INTL-M: the target encodes the first view only

@@ -585,6 +585,32 @@ def test_sync_bn_cpu_path_runs_a_few_torch_ops_per_layer_whatever_its_size(sync_
             assert sum(size >= n for _, size in ops) == passes, ops
 
 
+def test_bn_snapshot_and_restore_take_a_few_foreach_ops_into_memory_allocated_once():
+    """60 BN buffers (ResNet-18's count) and a target's: the snapshot is one foreach copy per dtype
+    (float32 statistics, int64 counts) into memory allocated once, the restore three ops per dtype
+    and the loss's check; a non-finite step's statistics (NaN here) go back to the copies, a
+    finite one's stay."""
+    online = nn.Sequential(*[nn.BatchNorm1d(4) for _ in range(20)])     # ResNet-18's count
+    target = copy.deepcopy(online)
+    buffers = lambda: torch.cat([b.double().flatten() for net in (online, target) for b in net.buffers()])  # noqa: E731
+    saved = utils.buffers_of(online, target)
+    for loss in (torch.tensor(float("nan")), torch.tensor(1.0)):
+        with OpNames() as taken:
+            assert utils.buffers_of(online, target, into=saved) is saved
+        before = buffers()
+        for b in [*online.buffers(), *target.buffers()]:               # as a training step would
+            b.add_(1)
+        online[0].running_mean[0] = float("nan")
+        after = buffers()
+        with OpNames() as restored:
+            utils.restore_if_not_finite(saved, loss)
+        restore = restored.ops[restored.ops.index("aten._foreach_copy_"):]         # after isfinite's 7
+        assert taken.ops == ["aten._foreach_copy_"] * 2 and len(restored.ops) <= 7 + 3 * 2
+        assert restore == ["aten._foreach_copy_", "aten.where", "aten._foreach_copy_"] * 2, restored.ops
+        want = after if torch.isfinite(loss) else before
+        torch.testing.assert_close(buffers(), want, rtol=0, atol=0, equal_nan=True)
+
+
 def cuda_path_worker(rank, store, out):
     """Two gloo ranks on the one GPU: the CUDA path follows the input's device, whatever the backend."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

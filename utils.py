@@ -778,18 +778,37 @@ def step_if_finite(optimizer, loss):
         optimizer.step()
 
 
-def buffers_of(*modules):
-    """Copies of the modules' buffers (BatchNorm's running statistics), to undo a skipped step."""
-    return [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
+def flat_like(tensors):
+    """One flat tensor for `tensors` (one dtype and device) and views of it shaped as each."""
+    flat = tensors[0].new_empty(sum(t.numel() for t in tensors))
+    return flat, [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def buffers_of(*modules, into=None):
+    """The modules' buffers (BatchNorm's running statistics), copied to undo a skipped step: one
+    torch._foreach_copy_ per dtype into flat memory allocated once; `into` is this function's
+    result at the previous step, reused at each step. Per dtype: (the buffers, (their copy, its
+    views), (room for restore_if_not_finite, its views))."""
+    if into is None:
+        live = [b for m in modules if m is not None for b in m.buffers()]
+        kinds = dict.fromkeys((b.dtype, b.device) for b in live)
+        groups = [[b for b in live if (b.dtype, b.device) == kind] for kind in kinds]
+        into = [(group, flat_like(group), flat_like(group)) for group in groups]
+    for live, (_, copies), _ in into:
+        torch._foreach_copy_(copies, live)
+    return into
 
 
 @torch.no_grad()
 def restore_if_not_finite(saved, loss):
     """A batch whose loss is not finite has passed through BatchNorm in training mode: its
-    statistics go, decided on the device (no host sync)."""
+    statistics go, decided on the device (no host sync): per dtype, the buffers as they are now
+    into flat memory, where() picks the copy if the loss is not finite, and a copy back."""
     bad = ~torch.isfinite(loss.detach())
-    for b, copy in saved:
-        b.copy_(torch.where(bad, copy, b))
+    for live, (copy, _), (now, now_views) in saved:
+        torch._foreach_copy_(now_views, live)
+        torch.where(bad, copy, now, out=now)
+        torch._foreach_copy_(live, now_views)
 
 
 def count_nonfinite(counts, loss):
