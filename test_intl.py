@@ -448,6 +448,29 @@ def cpu_path_ops(name):
     return [list(zip(pas.ops, pas.sizes)) for pas in (forward, backward)], x.numel()
 
 
+def tiny_backbone(arch, small_images=False):
+    """A stand-in for intl.resnet_backbone: conv, BN, ReLU, pool; 8 features."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten()), 8
+
+
+def multi_crop_step_ops(world, rank=0):
+    """The ops of an INTL-M multi-crop train_step on what intl.build_state builds for `world`
+    processes (with intl.resnet_backbone made tiny_backbone), a global batch of 16: the third
+    step, after the one-off work of the first two (the BN snapshot's memory, DDP's buckets)."""
+    args = intl.parse_args(["--data", "DIR", "--method", "intl-m", "--multi-crop", "--projector", "16-12",
+                            "--batch-size", "16", "--beta", "0.05"])
+    state = intl.build_state(args, torch.device("cpu"), world)
+    g = torch.Generator().manual_seed(rank)
+    views = [torch.randn(16 // world, 3, size, size, generator=g) for size in (12, 12, 10, 9, 8, 6)]
+    for _ in range(2):
+        intl.train_step(state, views, 0.99, args)
+    with OpNames() as step:
+        intl.train_step(state, views, 0.99, args)
+    return step.ops
+
+
 def sync_bn_worker(rank, store, views, out):
     torch.set_num_threads(1)        # two processes on two cores (as torchrun's run)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -470,7 +493,10 @@ def sync_bn_worker(rank, store, views, out):
     online, target = utils.unwrap(state.model), state.target
     res["built"] = [[f"{type(m).__module__}.{type(m).__name__}" for m in net.modules()
                      if "BatchNorm" in type(m).__name__] for net in (online, target)]
+    res["broadcast_buffers"] = state.model.broadcast_buffers
     res["ops"] = {name: cpu_path_ops(name) for name in ("1d", "2d-channels-last")}
+    intl.resnet_backbone = tiny_backbone        # this process's own module
+    res["step_ops"] = multi_crop_step_ops(2, rank)
     torch.save(res, f"{out}.{rank}")
     utils.leave_process_group()
 
@@ -583,6 +609,43 @@ def test_sync_bn_cpu_path_runs_a_few_torch_ops_per_layer_whatever_its_size(sync_
         for ops, passes in ((forward, 2), (backward, 3)):
             assert [op for op, _ in ops].count("c10d.allreduce_") == 1
             assert sum(size >= n for _, size in ops) == passes, ops
+
+
+def test_ddp_broadcasts_no_buffers_and_cuda_graph_modes_under_ddp_warn_naming_the_torch_issues(
+        sync_bn_ranks, monkeypatch, capsys):
+    """Two processes: DDP without its per-step buffer broadcast (SyncBatchNorm keeps the BN
+    statistics equal). torch.compile's CUDA-graph modes with 2 processes: one line naming the open
+    torch issues; mode default, or one process, says nothing."""
+    assert [res["broadcast_buffers"] for res in sync_bn_ranks[0]] == [False, False]
+    monkeypatch.setattr(intl, "resnet_backbone", tiny_backbone)
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda module, **kw: module)
+    monkeypatch.setattr(torch, "compile", lambda model, mode: model)       # compiling takes seconds
+    for mode, world, warned in [("reduce-overhead", 2, True), ("max-autotune", 2, True),
+                                ("default", 2, False), ("reduce-overhead", 1, False)]:
+        intl.build_state(intl.parse_args(["--data", "DIR", "--projector", "16-12", "--compile", mode]),
+                         torch.device("cpu"), world)
+        err = capsys.readouterr().err
+        if warned:
+            assert err.count("\n") == 1 and err.startswith(f"warning: torch.compile mode {mode}"), err
+            assert "pytorch#139207" in err and "pytorch#140395" in err
+        else:
+            assert err == "", err
+
+
+def test_a_multi_crop_step_in_two_processes_runs_at_most_1_35x_the_ops_of_one(sync_bn_ranks, monkeypatch):
+    """One INTL-M multi-crop train_step (6 views; a backbone and a projector with a BN each), ops
+    counted by torch's dispatcher: 1.28x here. The second process adds, per BN pass, the
+    synchronised layer's own ops (at most 10 more forward, 16 backward: the test above), one
+    gather per view, DDP's gradient all-reduce, and nothing per buffer or parameter; so 1.35.
+    Each collective is accounted for: an all-gather per view (6); an all-reduce per BN pass (12
+    forward, the target's 2 among them, and 10 backward), per gathered online view's gradient (5)
+    and DDP's one bucket; no broadcast (of buffers, or anything else)."""
+    monkeypatch.setattr(intl, "resnet_backbone", tiny_backbone)
+    one = on_one_thread(lambda _: multi_crop_step_ops(1))       # as each of the two processes
+    for two in (res["step_ops"] for res in sync_bn_ranks[0]):
+        assert len(two) <= 1.35 * len(one), (len(two), len(one))
+        assert two.count("c10d.allgather_") == 6 and two.count("c10d.allreduce_") == 12 + 10 + 5 + 1
+        assert not any("broadcast" in op for op in two)
 
 
 def test_bn_snapshot_and_restore_take_a_few_foreach_ops_into_memory_allocated_once():

@@ -1371,3 +1371,11 @@ def convert_sync_batchnorm(module):
         module.add_module(name, convert_sync_batchnorm(child))
     return module
 
+
+def warn_if_cuda_graphs_under_ddp(mode, world):
+    """torch.compile's CUDA-graph modes meet open torch issues under DDP: one line says which."""
+    if world > 1 and mode in ("reduce-overhead", "max-autotune"):
+        warn(f"torch.compile mode {mode} captures CUDA graphs, which with {world} DDP processes meet "
+             f"open torch issues: pytorch#139207 (BatchNorm + CUDA graphs + DDP: 10x slower, then "
+             f"an NCCL error) and pytorch#140395 (DDP + max-autotune hangs); mode default has "
+             f"neither")
