@@ -674,6 +674,23 @@ def test_bn_snapshot_and_restore_take_a_few_foreach_ops_into_memory_allocated_on
         torch.testing.assert_close(buffers(), want, rtol=0, atol=0, equal_nan=True)
 
 
+def test_benchmark_syncbn_prints_host_times_and_the_ratio_to_plain_bn(monkeypatch, capsys):
+    """On the CPU: plain nn.BatchNorm and ours in a one-process gloo group it creates and leaves;
+    torch's needs CUDA. Two tiny layers: the figures, not their size, are checked here."""
+    monkeypatch.setattr(benchmark, "SYNCBN_SHAPES", {"cpu": [(4, 3), (4, 3, 2, 2)]})
+    try:
+        r = benchmark.main(["syncbn", "--bench-steps", "2"])
+    finally:
+        torch.set_num_threads(2)                                   # it times one core
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == r and r["repeats"] >= 5
+    assert out.count("torch's nn.SyncBatchNorm: needs CUDA") == 2 and "one-process gloo group" in out
+    for row in r["layers"]:
+        assert row["plain_us"] > 0 and row["ours_us"] > 0 and "torch_us" not in row
+        assert row["ours_over_plain"] == pytest.approx(row["ours_us"] / row["plain_us"], rel=0.02)
+    assert not torch.distributed.is_initialized()
+
+
 def cuda_path_worker(rank, store, out):
     """Two gloo ranks on the one GPU: the CUDA path follows the input's device, whatever the backend."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
