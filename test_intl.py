@@ -599,7 +599,7 @@ def test_sync_bn_is_plain_bn_in_one_process_and_loads_into_torchvision():
 def test_sync_bn_cpu_path_runs_a_few_torch_ops_per_layer_whatever_its_size(sync_bn_ranks):
     """Per layer and pass, counted by torch's dispatcher (plain nn.BatchNorm: 3 forward, 1
     backward). Forward, at most 13: the count's increment; this rank's statistics (1 pass over x);
-    its [mean, mean of x²] (2); the all-reduce; the global mean and variance (5: average, split,
+    its [mean, mean of x²] (2); the all-reduce; the global mean and variance (4: average, split,
     subtract, clamp); the running statistics (3: the unbiased variance, two lerps); the
     normalisation (1 pass). Backward, at most 17: this rank's sums of dy and dy x̂ (1 pass over x
     and dy); cat, all-reduce, average, split (4); 7 per-channel coefficients; 3 reshapes to
@@ -611,7 +611,7 @@ def test_sync_bn_cpu_path_runs_a_few_torch_ops_per_layer_whatever_its_size(sync_
             assert sum(size >= n for _, size in ops) == passes, ops
 
 
-def test_ddp_broadcasts_no_buffers_and_cuda_graph_modes_under_ddp_warn_naming_the_torch_issues(
+def test_ddp_under_sync_bn_broadcasts_no_buffers_and_compile_modes_with_cuda_graphs_warn(
         sync_bn_ranks, monkeypatch, capsys):
     """Two processes: DDP without its per-step buffer broadcast (SyncBatchNorm keeps the BN
     statistics equal). torch.compile's CUDA-graph modes with 2 processes: one line naming the open
@@ -632,7 +632,7 @@ def test_ddp_broadcasts_no_buffers_and_cuda_graph_modes_under_ddp_warn_naming_th
             assert err == "", err
 
 
-def test_a_multi_crop_step_in_two_processes_runs_at_most_1_35x_the_ops_of_one(sync_bn_ranks, monkeypatch):
+def test_train_step_multi_crop_in_two_processes_runs_at_most_1_35x_the_ops_of_one(sync_bn_ranks, monkeypatch):
     """One INTL-M multi-crop train_step (6 views; a backbone and a projector with a BN each), ops
     counted by torch's dispatcher: 1.28x here. The second process adds, per BN pass, the
     synchronised layer's own ops (at most 10 more forward, 16 backward: the test above), one
