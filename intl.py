@@ -273,8 +273,9 @@ def param_groups(model, wd, decay_all=False):
 
 def build_state(args, device, world):
     """The online encoder (in DDP, compiled, as asked), INTL-M's target, SGD (momentum 0.9, fused
-    on GPUs), fp16's GradScaler and --gpu-aug's generator; the weights seeded alike on all ranks."""
-    with torch.random.fork_rng(devices=[]):     # the per-rank augmentation streams untouched
+    on GPUs), fp16's GradScaler and --gpu-aug's generator. The weights are seeded alike on every
+    rank, from a forked generator: the per-rank augmentation streams are untouched."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         backbone, dim = resnet_backbone(args.arch, args.small_images)
         online = Encoder(backbone, projector(dim, args.projector))
@@ -283,9 +284,8 @@ def build_state(args, device, world):
         online = utils.convert_sync_batchnorm(online)
     target = copy.deepcopy(online).requires_grad_(False) if args.method == "intl-m" else None
     model = online
-    if world > 1:        # buffers not broadcast: SyncBatchNorm keeps them equal on every rank
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(online, device_ids=ids, broadcast_buffers=False)
+    if world > 1:
+        model = utils.distributed_data_parallel(online, device)
     if args.compile:     # the crop shapes never change: compiled once (DDP splits at its buckets)
         utils.warn_if_cuda_graphs_under_ddp(args.compile, world)
         model = torch.compile(model, mode=args.compile)

@@ -1372,6 +1372,16 @@ def convert_sync_batchnorm(module):
     return module
 
 
+def distributed_data_parallel(module, device):
+    """DDP of `module` without a broadcast of its buffers at each forward: SyncBatchNorm keeps the
+    BN statistics equal on every rank. (Switched off once built: the constructor's flag for it is
+    deprecated in recent torch, under another name that older torch lacks.)"""
+    model = nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+    model.broadcast_buffers = False
+    return model
+
+
 def warn_if_cuda_graphs_under_ddp(mode, world):
     """torch.compile's CUDA-graph modes meet open torch issues under DDP: one line says which."""
     if world > 1 and mode in ("reduce-overhead", "max-autotune"):
