@@ -1,8 +1,10 @@
-"""Speed figures for intl.py: python benchmark.py step|aug|check [its flags] [intl.py's flags].
+"""Speed figures for intl.py: python benchmark.py step|aug|check|syncbn [its flags] [intl.py's flags].
 
-Figures are medians of 5 repeats; the last line printed is one JSON object.
+Figures are medians of 5 repeats (syncbn: 15, short calls vary more with the machine's load); the
+last line printed is one JSON object.
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -13,6 +15,8 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torchvision.datasets.folder import default_loader
@@ -240,6 +244,120 @@ def bench_aug(args):
     return result
 
 
+# ----------------------------------------------------------------------------- syncbn
+# Per-rank inputs of BN layers at 32 images per rank: a projector layer, ResNet's last and first
+# stages (32-px images on CPUs, 224-px crops on GPUs).
+SYNCBN_SHAPES = {"cpu": [(32, 2048), (32, 512, 4, 4), (32, 64, 32, 32)],
+                 "cuda": [(32, 8192), (32, 2048, 7, 7), (32, 256, 56, 56)]}
+
+
+def torch_sync_batchnorm(bn, group):
+    """nn.SyncBatchNorm's multi-rank path (its own forward takes it only with two ranks or more)."""
+    from torch.nn.modules._functions import SyncBatchNorm
+
+    def forward(x):
+        bn.num_batches_tracked.add_(1)
+        return SyncBatchNorm.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+                                   bn.momentum, group, dist.get_world_size(group))
+    return forward
+
+
+def syncbn_layers(shape, device):
+    """Plain nn.BatchNorm, ours and (CUDA only) torch's nn.SyncBatchNorm, the last two forced
+    through their multi-rank path in this one-process group: their collectives run."""
+    plain = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).to(device)
+    ours = utils.convert_sync_batchnorm(copy.deepcopy(plain))
+    ours.forward = ours.forward_every_rank
+    layers = {"plain": plain, "ours": ours}
+    if device.type == "cuda":
+        theirs = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+        theirs.forward = torch_sync_batchnorm(theirs, dist.group.WORLD)
+        layers["torch"] = theirs
+    return layers
+
+
+def host_us(layer, x, dy, device, passes):
+    """Host time of one forward + backward (input, weight and bias gradients) in µs: `passes` in
+    a row from a drained device, timed until the host returns, not until the device is done."""
+    inputs = [x, *layer.parameters()]
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(passes):
+        torch.autograd.grad(layer(x), inputs, dy)
+    t = time.perf_counter() - t
+    sync(device)
+    return 1e6 * t / passes
+
+
+def collectives_us(layer, x, dy, device, passes):
+    """Host time per forward + backward spent inside the layer's calls of dist.all_reduce and
+    dist.all_gather_single (each call timed): its process group's share of its host time."""
+    spent, calls = [0.0], (dist.all_reduce, dist.all_gather_single)
+
+    def timed(collective):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            out = collective(*args, **kwargs)
+            spent[0] += time.perf_counter() - t
+            return out
+        return call
+    dist.all_reduce, dist.all_gather_single = map(timed, calls)
+    try:
+        host_us(layer, x, dy, device, passes)
+    finally:
+        dist.all_reduce, dist.all_gather_single = calls
+    return 1e6 * spent[0] / passes
+
+
+def syncbn_row(shape, device, dtype, passes, repeats):
+    """One shape's medians, the layers alternated within each repeat (the same machine load)."""
+    x = torch.randn(shape, device=device, dtype=dtype)
+    x = (x.to(memory_format=utils.memory_format(device)) if x.dim() == 4 else x).requires_grad_()
+    dy, layers = torch.randn_like(x), syncbn_layers(shape, device)
+    times = {name: [] for name in [*layers, "collectives"]}
+    for layer in layers.values():                                   # warm-up
+        host_us(layer, x, dy, device, 3)
+    for _ in range(repeats):
+        for name, layer in layers.items():
+            times[name].append(host_us(layer, x, dy, device, passes))
+        times["collectives"].append(collectives_us(layers["ours"], x, dy, device, passes))
+    us = {name: statistics.median(t) for name, t in times.items()}
+    return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+            **{f"{name}_us": round(v, 1) for name, v in us.items()},
+            "ours_over_plain": round(us["ours"] / us["plain"], 2),
+            "torch_over_plain": round(us["torch"] / us["plain"], 2) if "torch" in us else None}
+
+
+def bench_syncbn(args):
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)     # one core's time, not that of threads waiting for a busy core
+    dtype = utils.autocast_dtype("auto", device) or torch.float32     # BN's input in the step
+    repeats = 3 * REPEATS            # short calls: their time varies more with the machine's load
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rows = [syncbn_row(shape, device, dtype, args.bench_steps, repeats)
+                for shape in SYNCBN_SHAPES[device.type]]
+    finally:
+        dist.destroy_process_group()
+    print(f"host time of one forward + backward per layer, medians of {repeats} repeats of "
+          f"{args.bench_steps} on {device_name(device)}; ours and torch's take their multi-rank "
+          f"path in a one-process {backend} group (their collectives run; no other rank to wait for)")
+    for r in rows:
+        theirs = (f"torch's nn.SyncBatchNorm {r['torch_us']:.0f} µs ({r['torch_over_plain']}x)"
+                  if r["torch_over_plain"] else "torch's nn.SyncBatchNorm: needs CUDA")
+        print(f"{r['shape']} {r['dtype']}: plain nn.BatchNorm {r['plain_us']:.0f} µs, ours "
+              f"{r['ours_us']:.0f} µs ({r['ours_over_plain']}x; {r['collectives_us']:.0f} µs of it "
+              f"inside its two {backend} calls), {theirs}")
+    result = {"benchmark": "syncbn", "device": device_name(device), "backend": backend,
+              "passes": args.bench_steps, "repeats": repeats, "layers": rows}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 # ----------------------------------------------------------------------------- the GPU check
 CHECK = [   # (work, mode, intl.py flags), most important first: what does not fit the time is skipped
     ("INTL-M multi-crop, 256/GPU", "eager", "--method intl-m --multi-crop --batch-size 256"),
@@ -302,6 +420,10 @@ MODES = {
            "both paths side by side, OUTPUT_DIR/aug_grid.png.",
     "check": "The GPU check: both benchmarks over the standard settings, each in its own "
              "process, within --seconds, the other flags added to each; one table.",
+    "syncbn": "Host time per BatchNorm layer, forward + backward, at 32 images per rank: plain "
+              "nn.BatchNorm, utils.SyncBatchNorm, and torch's nn.SyncBatchNorm (needs CUDA), the "
+              "last two forced through their multi-rank path in a one-process group (gloo on "
+              "CPUs, NCCL on GPUs), with the ratios to plain BN measured in the same run.",
 }
 
 
@@ -311,18 +433,20 @@ def parser():
         utils.fail(f"{msg} (see python benchmark.py --help)")
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = p.add_subparsers(dest="mode", required=True, metavar="{step,aug,check}",
+    modes = p.add_subparsers(dest="mode", required=True, metavar="{step,aug,check,syncbn}",
                              help="what to time; each mode and its flags below")
     for name, what in MODES.items():
         # no abbreviations: a prefix of one of its flags may be meant for intl.py
-        m = modes.add_parser(name, description=what, allow_abbrev=False, epilog=(
-            "Any other flag is given to each run (intl.py's, --bench-steps)." if name == "check"
-            else "Any other flag is intl.py's (python intl.py --help)."))
+        m = modes.add_parser(name, description=what, allow_abbrev=False, epilog={
+            "check": "Any other flag is given to each run (intl.py's, --bench-steps).",
+            "syncbn": "It takes no other flag."}.get(name, "Any other flag is intl.py's "
+                                                        "(python intl.py --help)."))
         if name == "check":
             m.add_argument("--seconds", type=float, default=330.0, metavar="S",
                            help="the time budget of the whole check (default: %(default)g)")
         else:
-            timed = "images" if name == "aug" else "training steps"
+            timed = {"aug": "images", "syncbn": "forward + backward passes of each layer"}.get(
+                name, "training steps")
             m.add_argument("--bench-steps", type=int, default=20, metavar="N",
                            help=f"{timed} timed per repeat (default: %(default)s)")
         m.error = one_line
@@ -339,6 +463,10 @@ def main(argv=None):
         return check(own.seconds, rest)
     if own.bench_steps < 1:
         utils.fail("--bench-steps must be positive")
+    if own.mode == "syncbn":
+        if rest:
+            utils.fail(f"benchmark.py syncbn takes no other flag: {' '.join(rest)}")
+        return bench_syncbn(own)
     args = intl.parse_args(rest, need_data=False)
     args.bench_steps = own.bench_steps
     return bench_step(args) if own.mode == "step" else bench_aug(args)

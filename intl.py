@@ -284,9 +284,9 @@ def build_state(args, device, world):
     target = copy.deepcopy(online).requires_grad_(False) if args.method == "intl-m" else None
     model = online
     if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(online, device_ids=ids)
+        model = utils.distributed_data_parallel(online, device)
     if args.compile:     # the crop shapes never change: compiled once (DDP splits at its buckets)
+        utils.warn_if_cuda_graphs_under_ddp(args.compile, world)
         model = torch.compile(model, mode=args.compile)
     groups = param_groups(online, args.wd, decay_all=args.decay_all)
     optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, fused=device.type == "cuda")
@@ -316,7 +316,7 @@ def train_step(state, views, m, args):
     online, target = utils.unwrap(state.model), state.target
     if target is not None:
         update_momentum(target, online, m)
-    saved = utils.buffers_of(online, target)
+    saved = state.bn_copies = utils.buffers_of(online, target, into=vars(state).get("bn_copies"))
     with torch.autocast(views[0].device.type, dtype=state.amp, enabled=state.amp is not None):
         z_target = None
         if target is not None:       # INTL-M: the target encodes the first view only

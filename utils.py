@@ -948,18 +948,37 @@ def step_if_finite(optimizer, loss):
         optimizer.step()
 
 
-def buffers_of(*modules):
-    """Copies of the modules' buffers (BatchNorm's running statistics), to undo a skipped step."""
-    return [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
+def flat_like(tensors):
+    """One flat tensor for `tensors` (one dtype and device) and views of it shaped as each."""
+    flat = tensors[0].new_empty(sum(t.numel() for t in tensors))
+    return flat, [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def buffers_of(*modules, into=None):
+    """The modules' buffers (BatchNorm's running statistics), copied to undo a skipped step: one
+    torch._foreach_copy_ per dtype into flat memory allocated once; `into` is this function's
+    result at the previous step, reused at each step. Per dtype: (the buffers, (their copy, its
+    views), (room for restore_if_not_finite, its views))."""
+    if into is None:
+        live = [b for m in modules if m is not None for b in m.buffers()]
+        kinds = dict.fromkeys((b.dtype, b.device) for b in live)
+        groups = [[b for b in live if (b.dtype, b.device) == kind] for kind in kinds]
+        into = [(group, flat_like(group), flat_like(group)) for group in groups]
+    for live, (_, copies), _ in into:
+        torch._foreach_copy_(copies, live)
+    return into
 
 
 @torch.no_grad()
 def restore_if_not_finite(saved, loss):
     """A batch whose loss is not finite has passed through BatchNorm in training mode: its
-    statistics go, decided on the device (no host sync)."""
+    statistics go, decided on the device (no host sync): per dtype, the buffers as they are now
+    into flat memory, where() picks the copy if the loss is not finite, and a copy back."""
     bad = ~torch.isfinite(loss.detach())
-    for b, copy in saved:
-        b.copy_(torch.where(bad, copy, b))
+    for live, (copy, _), (now, now_views) in saved:
+        torch._foreach_copy_(now_views, live)
+        torch.where(bad, copy, now, out=now)
+        torch._foreach_copy_(live, now_views)
 
 
 def count_nonfinite(counts, loss):
@@ -1421,64 +1440,107 @@ def monitor(backbone, pair, device, workers=0, stop=None):
 
 
 # ----------------------------------------------------------------------------- synchronised BatchNorm
-# Every rank has an equal, non-empty batch (the sampler drops the last partial one), so the global
-# count is the local one times the world size: one all-reduce per BN layer and direction, and the
-# host never waits for the GPU (torch's nn.SyncBatchNorm all-gathers counts and masks them).
-def reduced_dims(x):
-    """Every dimension of x but the channels (dim 1): those BN averages over."""
-    return [0, *range(2, x.dim())]
-
-
+# Every rank has an equal, non-empty batch (the sampler drops the last partial one), so every
+# rank's count is known: one collective per BN layer and direction, and the host never waits for
+# the GPU (torch's nn.SyncBatchNorm all-gathers the counts and drops empty ranks: a host wait).
 def per_channel(v, x):
     """A per-channel vector shaped to broadcast against x ([N, C] or [N, C, H, W])."""
     return v.view(1, -1, *[1] * (x.dim() - 2))
 
 
-class SyncBatchNormFunction(torch.autograd.Function):
-    """BN over the batches of every rank: returns y, the global mean and the biased global
-    variance. Statistics and gradients are accumulated in float32 (float64 for float64 input),
-    as cuDNN's BN does for 16-bit input; y and the input gradient keep the input's dtype."""
+def dense(t):
+    """t as torch's SyncBatchNorm hands it to the kernels: channels_last kept, else contiguous."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum):
+    """running <- (1 - m) running + m batch, the variance unbiased (var n / (n - 1)), as
+    nn.BatchNorm; m a float, or a tensor on the device (momentum None: 1 / batches seen)."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
+
+
+class SyncBatchNormCUDA(torch.autograd.Function):
+    """torch's fused kernels, as its nn.SyncBatchNorm calls them (so the same dtypes under
+    autocast: statistics in float32 for 16-bit input), each rank's count made on the device."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        acc = torch.promote_types(x.dtype, torch.float32)
-        xf, dims = x.to(acc), reduced_dims(x)
-        sums = torch.cat([xf.sum(dims), xf.square().sum(dims)])
-        dist.all_reduce(sums)               # [sum x, sum x^2] of every rank, in one call
-        n = x.numel() // x.shape[1] * dist.get_world_size()
-        mean, mean_sq = (sums / n).chunk(2)
-        var = (mean_sq - mean.square()).clamp_min(0)     # rounding may make it a hair negative
-        invstd = (var + eps).rsqrt()
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
-        y = xf * per_channel(scale, x) + per_channel(shift, x)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.n = n
-        ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean, var
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
+        x, world, channels = dense(x), dist.get_world_size(), x.shape[1]
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        stats = mean.new_empty(world * 2 * channels)
+        dist.all_gather_single(stats, torch.cat([mean, invstd]))  # every rank's mean and 1/std
+        means, invstds = stats.view(world, 2 * channels).split(channels, dim=1)
+        fused = not torch.is_tensor(momentum)       # the kernel updates the running stats itself
+        dtype = mean.dtype if running_mean is None else running_mean.dtype
+        counts = torch.full((world,), x.numel() // channels, dtype=dtype, device=x.device)
+        mean, invstd = torch.batch_norm_gather_stats_with_counts(
+            x, means, invstds, running_mean if fused else None, running_var if fused else None,
+            momentum if fused else 0.0, eps, counts)
+        if running_mean is not None and not fused:
+            update_running_stats(running_mean, running_var, mean, invstd.pow(-2) - eps,
+                                 x.numel() // channels * world, momentum)
+        ctx.save_for_backward(x, weight, mean, invstd, counts.int())
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        """The exact BN input gradient over the global batch; the weight and bias gradients are
-        this rank's own sums, like torch's SyncBatchNorm: DDP's average over ranks then equals
-        the gradient of one process on the global batch."""
-        x, weight, mean, invstd = ctx.saved_tensors
-        acc, dims = mean.dtype, reduced_dims(x)
-        x_hat = (x.to(acc) - per_channel(mean, x)) * per_channel(invstd, x)
-        dyf = dy.to(acc)
-        sum_dy, sum_dy_x_hat = dyf.sum(dims), (dyf * x_hat).sum(dims)
+    def backward(ctx, dy):
+        x, weight, mean, invstd, counts = ctx.saved_tensors
+        dy, (needs_x, needs_w, needs_b) = dense(dy), ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu, dw, db = torch.batch_norm_backward_reduce(
+            dy, x, mean, invstd, weight, needs_x, needs_w, needs_b)
+        dx = None
+        if needs_x:
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums)           # [sum dy, sum dy (x - mean)] of every rank, in one call
+            weight = None if weight is None else weight.to(mean.dtype)
+            dx = torch.batch_norm_backward_elemt(dy, x, mean, invstd, weight, *sums.chunk(2), counts)
+        return dx, dw if needs_w else None, db if needs_b else None, None, None, None, None
+
+
+class SyncBatchNormCPU(torch.autograd.Function):
+    """The same on CPUs, which lack those kernels: each rank's mean and mean square in one
+    all-reduce, then nn.BatchNorm's own CPU kernels in eval mode with the global statistics.
+    Statistics in float32 at least, as cuDNN's BN accumulates 16-bit input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        mean, var = torch.batch_norm_update_stats(wide, None, None, 0.0)    # this rank's, 1 pass
+        moments = torch.cat([mean, var.addcmul_(mean, mean)])   # this rank's mean of x and of x²
+        dist.all_reduce(moments)          # equal counts: the global moments are the ranks' mean
+        world = dist.get_world_size()
+        mean, mean_sq = moments.div_(world).chunk(2)
+        var = mean_sq.addcmul_(mean, mean, value=-1).clamp_min_(0)   # rounding: a hair below 0
+        n = x.numel() // x.shape[1] * world
+        if running_mean is not None:
+            update_running_stats(running_mean, running_var, mean, var, n, momentum)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.n = eps, n
+        return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        """dx = s (dy - mean(dy) - x̂ mean(dy x̂)) over the global batch, s = w / sqrt(var + eps);
+        the weight and bias gradients are this rank's own sums, like torch's SyncBatchNorm: DDP's
+        average over ranks then equals the gradient of one process on the global batch."""
+        x, weight, mean, var = ctx.saved_tensors
+        _, sum_dy_x_hat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
         dx = None
         if ctx.needs_input_grad[0]:
             sums = torch.cat([sum_dy, sum_dy_x_hat])
-            dist.all_reduce(sums)           # [sum dy, sum dy x_hat] of every rank, in one call
-            g_dy, g_dy_x_hat = (sums / ctx.n).chunk(2)
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            dx = dyf - per_channel(g_dy, x) - x_hat * per_channel(g_dy_x_hat, x)
-            dx = (dx * per_channel(scale, x)).to(x.dtype)
-        affine = weight is not None
-        dw = sum_dy_x_hat.to(weight.dtype) if affine and ctx.needs_input_grad[1] else None
-        db = sum_dy.to(weight.dtype) if affine and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+            dist.all_reduce(sums)           # [sum dy, sum dy x̂] of every rank, in one call
+            mean_dy, mean_dy_x_hat = sums.div_(ctx.n).chunk(2)
+            invstd = (var + ctx.eps).rsqrt_()
+            scale = invstd if weight is None else invstd * weight
+            slope = mean_dy_x_hat * invstd * scale      # dx = s dy - slope (x - mean) - s mean(dy)
+            shift = torch.addcmul(slope * mean, scale, mean_dy, value=-1)
+            dx = torch.addcmul(per_channel(shift, x), x, per_channel(slope, x), value=-1)
+            dx = dx.addcmul_(dy, per_channel(scale, x)).to(x.dtype)     # in float32 at least
+        dw = sum_dy_x_hat if ctx.needs_input_grad[1] else None
+        db = sum_dy if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -1493,18 +1555,20 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             return super().forward(x)
+        return self.forward_every_rank(x)
+
+    def forward_every_rank(self, x):
+        """The training forward over every rank's batch: torch's fused kernels on CUDA input
+        (whatever the backend), our own on CPUs; running statistics as nn.BatchNorm's."""
         self._check_input_dim(x)
-        y, mean, var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
-        if self.track_running_stats:    # as nn.BatchNorm: the unbiased variance, momentum 0.1
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                # momentum None: the cumulative average, without reading the count on the host
-                m = 1 / self.num_batches_tracked if self.momentum is None else self.momentum
-                n = x.numel() // x.shape[1] * dist.get_world_size()
-                unbiased = var * (n / (n - 1))
-                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
-        return y
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:   # the cumulative average, with no host read of the count
+                momentum = 1 / self.num_batches_tracked
+        function = SyncBatchNormCUDA if x.is_cuda else SyncBatchNormCPU
+        return function.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                              self.eps, momentum)
 
 
 def convert_sync_batchnorm(module):
@@ -1520,3 +1584,22 @@ def convert_sync_batchnorm(module):
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child))
     return module
+
+
+def distributed_data_parallel(module, device):
+    """DDP of `module` without a broadcast of its buffers at each forward: SyncBatchNorm keeps the
+    BN statistics equal on every rank. (Switched off once built: the constructor's flag for it is
+    deprecated in recent torch, under another name that older torch lacks.)"""
+    model = nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+    model.broadcast_buffers = False
+    return model
+
+
+def warn_if_cuda_graphs_under_ddp(mode, world):
+    """torch.compile's CUDA-graph modes meet open torch issues under DDP: one line says which."""
+    if world > 1 and mode in ("reduce-overhead", "max-autotune"):
+        warn(f"torch.compile mode {mode} captures CUDA graphs, which with {world} DDP processes meet "
+             f"open torch issues: pytorch#139207 (BatchNorm + CUDA graphs + DDP: 10x slower, then "
+             f"an NCCL error) and pytorch#140395 (DDP + max-autotune hangs); mode default has "
+             f"neither")
