@@ -23,7 +23,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torchvision import transforms as T
 
 import utils
@@ -243,8 +242,8 @@ def build_state(backbone, dim, classes, args, device, world):
     head.bias.data.zero_()
     model = Classifier(backbone, head, finetune)
     if world > 1:       # fine-tuning's BN statistics: rank 0's on every rank, as DDP keeps them
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, broadcast_buffers=finetune)
+        model = utils.distributed_data_parallel(model, device)
+        model.broadcast_buffers = finetune
     groups = [{"params": list(head.parameters()), "base_lr": args.lr_classifier * args.batch_size / 256}]
     if finetune:
         groups.append({"params": list(backbone.parameters()),
@@ -258,7 +257,7 @@ def build_state(backbone, dim, classes, args, device, world):
 def train_step(state, x, y):
     """One SGD step on the cross-entropy, skipped on the device (BN statistics put back too) when
     the loss of any rank is not finite. Returns the global batch's loss."""
-    saved = utils.buffers_of(utils.unwrap(state.model))
+    saved = state.bn_copies = utils.buffers_of(utils.unwrap(state.model), into=state.bn_copies)
     loss = F.cross_entropy(state.model(x), y)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -577,9 +576,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.batch_size, args.dist_timeout)
     backbone, dim = load_backbone(args, device)
     train, val, classes = datasets(args, small_images=args.small_images or args.data in SMALL_DATA)
-    run_info = {**utils.plain(vars(args)), "classes": classes, "world_size": world, "device": device.type,
-                "torch": torch.__version__, "torchvision": torchvision.__version__}
-    with utils.RunFolder(args.output_dir, rank, run_info) as folder:
+    with utils.RunFolder(args.output_dir, rank, {**utils.plain(vars(args)), "classes": classes}, device) as folder:
         progress = utils.Progress(args.output_dir, rank, 1, args.epochs, args.print_freq, args.tensorboard)
         run = Run(rank, world, device, args, progress, utils.StopSignals(), utils.Unreadable(args.max_bad_files))
         progress.print(f"backbone: {args.arch}, {args.pretrained or f'random (seed {args.seed})'}"

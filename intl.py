@@ -282,9 +282,7 @@ def build_state(args, device, world):
     if world > 1:        # each BN normalises over the global batch, on GPUs and CPUs alike
         online = utils.convert_sync_batchnorm(online)
     target = copy.deepcopy(online).requires_grad_(False) if args.method == "intl-m" else None
-    model = online
-    if world > 1:
-        model = utils.distributed_data_parallel(online, device)
+    model = utils.distributed_data_parallel(online, device) if world > 1 else online
     if args.compile:     # the crop shapes never change: compiled once (DDP splits at its buckets)
         utils.warn_if_cuda_graphs_under_ddp(args.compile, world)
         model = torch.compile(model, mode=args.compile)
@@ -316,7 +314,7 @@ def train_step(state, views, m, args):
     online, target = utils.unwrap(state.model), state.target
     if target is not None:
         update_momentum(target, online, m)
-    saved = state.bn_copies = utils.buffers_of(online, target, into=vars(state).get("bn_copies"))
+    saved = state.bn_copies = utils.buffers_of(online, target, into=state.bn_copies)
     with torch.autocast(views[0].device.type, dtype=state.amp, enabled=state.amp is not None):
         z_target = None
         if target is not None:       # INTL-M: the target encodes the first view only
@@ -395,9 +393,7 @@ def train(args):
     state = build_state(args, device, world)
     labelled = monitor_data(args) if args.monitor_every and rank == 0 else None
     settings = {**utils.plain(vars(args)), "steps_per_epoch": len(loader)}
-    run_info = {**settings, "world_size": world, "device": device.type,
-                "torch": torch.__version__, "torchvision": torchvision.__version__}
-    with utils.RunFolder(args.output_dir, rank, run_info) as folder:
+    with utils.RunFolder(args.output_dir, rank, settings, device) as folder:
         ckpt = utils.Checkpoints(args.output_dir, state, settings, FREE_ON_RESUME, network,
                                  exports, rank, world, utils.host_group(), device)
         guard = utils.Guard(ckpt, len(loader.dataset), args.max_bad_files, args.max_nonfinite,
@@ -428,10 +424,9 @@ def train(args):
 
 
 # ------------------------------------------------------------ settings
-FREE_ON_RESUME = {"workers", "print_freq", "output_dir", "resume", "restart", "stop_epoch", "amp",
-                  "compile", "gpu_aug", "seed", "monitor_every", "allow_changed_args",
-                  "save_every_minutes", "max_bad_files", "max_nonfinite", "dist_timeout",
-                  "tensorboard"}
+FREE_ON_RESUME = {"allow_changed_args", "save_every_minutes", "monitor_every", "max_bad_files",
+                  "max_nonfinite", "dist_timeout", "tensorboard", "print_freq", "output_dir", "amp",
+                  "stop_epoch", "workers", "restart", "compile", "gpu_aug", "resume", "seed"}
 
 
 def network(settings):

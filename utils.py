@@ -10,7 +10,7 @@ the scripts pass in what they mean.
   holds the position in the epoch (ResumableSampler skips what was seen), and the ranks agree on
   it over a CPU process group (agree), so the GPU is never waited for;
 * a non-finite loss skips its update on the device (step_if_finite) and leaves the BatchNorm
-  statistics as they were (BufferGuard);
+  statistics as they were (buffers_of, restore_if_not_finite);
 * saves are atomic; a full disk stops in one line, keeps the previous file and removes the partial
   one; a folder in use by another run is refused (RunFolder's lock);
 * checkpoints load without running code (weights_only) and are continued only by a run with the
@@ -341,11 +341,15 @@ class RunFolder:
     """--output-dir of a run, held for its duration (`with RunFolder(...)`): created and checked
     for writing, locked against a second run (a dead run's lock is free: the kernel drops it),
     rank 0's console copied to log.txt, the settings written to args.json once the run starts
-    (start()), `done` written when the whole run has finished (finish()). A run that fails
-    before it has trained leaves no folder it created, and the folder's args.json as it was."""
+    (start()) with the world size, the device and the versions of torch and torchvision, `done`
+    written when the whole run has finished (finish()). A run that fails before it has trained
+    leaves no folder it created, and the folder's args.json as it was."""
 
-    def __init__(self, path, rank, settings):
-        self.path, self.rank, self.settings, self.lock, self.log = path, rank, settings, None, None
+    def __init__(self, path, rank, settings, device):
+        self.path, self.rank, self.lock, self.log = path, rank, None, None
+        self.settings = {**settings, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                         "device": device.type, "torch": torch.__version__,
+                         "torchvision": torchvision.__version__}
         self.created, self.started = False, False
 
     def __enter__(self):
@@ -1126,6 +1130,7 @@ class TrainState:
     amp: torch.dtype = None             # the autocast dtype (None: float32)
     device: torch.device = None
     best: dict = None                   # an evaluation's best val accuracy so far
+    bn_copies: list = None              # BN statistics copied at each step (buffers_of), not saved
 
     def train(self):
         """Training mode for both networks: BN layers use the batch's statistics in each."""
