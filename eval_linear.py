@@ -257,12 +257,13 @@ def build_state(backbone, dim, classes, args, device, world):
 def train_step(state, x, y):
     """One SGD step on the cross-entropy, skipped on the device (BN statistics put back too) when
     the loss of any rank is not finite. Returns the global batch's loss."""
-    saved = state.bn_copies = utils.buffers_of(utils.unwrap(state.model), into=state.bn_copies)
+    state.undo = state.undo or utils.undo_memory(list(utils.unwrap(state.model).buffers()))
+    utils.snapshot(state.undo)
     loss = F.cross_entropy(state.model(x), y)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     loss = utils.mean_over_ranks(loss.detach())
-    utils.restore_if_not_finite(saved, loss)
+    utils.restore_if_not_finite(state.undo, loss)
     utils.step_if_finite(state.optimizer, loss)
     return loss
 
@@ -545,6 +546,8 @@ def fit(backbone, dim, train, val, classes, run, folder):
         end_epoch(state, scores, epoch, step, run, guard)
         guard.stop_if_asked(step)
     guard.close()
+    if epoch >= args.epochs:
+        run.progress.print(f"already finished: {ckpt.path} is at epoch {epoch} of {args.epochs}")
     best = state.best
     run.progress.print(f"best top-1 {best['acc1']:.2f}%, top-5 {best['acc5']:.2f}% (epoch {best['epoch']})")
     if last < args.epochs:

@@ -308,13 +308,16 @@ def whitening(args):
 
 
 def train_step(state, views, m, args):
-    """One step: EMA target, every view's embedding (gathered over ranks), the INTL objective,
-    backward, SGD; nothing in it waits for the GPU. A non-finite loss changes no weight, optimizer
-    state or BN statistic. Returns the loss, its parts and the last view's embedding."""
+    """One step: EMA target, each view's embedding (gathered over ranks), the INTL objective,
+    backward, SGD, nothing waiting for the GPU; a non-finite loss changes no weight, optimizer
+    state or BN statistic, the target's neither. Returns the loss, its parts, the last embedding."""
     online, target = utils.unwrap(state.model), state.target
+    if state.undo is None:      # what a skipped step puts back: BN statistics, the target pre-EMA
+        target_state = target.state_dict().values() if target is not None else []
+        state.undo = utils.undo_memory([*online.buffers(), *target_state])
+    utils.snapshot(state.undo)
     if target is not None:
         update_momentum(target, online, m)
-    saved = state.bn_copies = utils.buffers_of(online, target, into=state.bn_copies)
     with torch.autocast(views[0].device.type, dtype=state.amp, enabled=state.amp is not None):
         z_target = None
         if target is not None:       # INTL-M: the target encodes the first view only
@@ -325,7 +328,7 @@ def train_step(state, views, m, args):
         loss, distance, tl = intl_loss(zs, z_target, args.beta, args.whiten, whitening(args))
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
-    utils.restore_if_not_finite(saved, loss)     # (after the backward, which reads them)
+    utils.restore_if_not_finite(state.undo, loss)     # (after the backward, which reads them)
     if state.scaler.is_enabled():   # fp16: the scaler skips the update when gradients overflow
         state.scaler.step(state.optimizer)
         state.scaler.update()
@@ -590,10 +593,7 @@ def quick_start():
 
 
 def main():
-    if len(sys.argv) > 1:
-        train(parse_args())
-    else:
-        quick_start()
+    return train(parse_args()) if len(sys.argv) > 1 else quick_start()
 
 
 if __name__ == "__main__":

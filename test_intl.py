@@ -5,12 +5,11 @@ augmentation against torchvision's ops and samplers."""
 import argparse
 import contextlib
 import copy
-import errno
+import dataclasses
 import fcntl
 import glob
 import gzip
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -660,10 +659,10 @@ def test_bn_snapshot_and_restore_take_a_few_foreach_ops_into_memory_allocated_on
     online = nn.Sequential(*[nn.BatchNorm1d(4) for _ in range(20)])     # ResNet-18's count
     target = copy.deepcopy(online)
     buffers = lambda: torch.cat([b.double().flatten() for net in (online, target) for b in net.buffers()])  # noqa: E731
-    saved = utils.buffers_of(online, target)
+    saved = utils.undo_memory([*online.buffers(), *target.buffers()])
     for loss in (torch.tensor(float("nan")), torch.tensor(1.0)):
         with OpNames() as taken:
-            assert utils.buffers_of(online, target, into=saved) is saved
+            utils.snapshot(saved)
         before = buffers()
         for b in [*online.buffers(), *target.buffers()]:               # as a training step would
             b.add_(1)
@@ -1649,6 +1648,8 @@ def test_every_bad_argument_and_wrong_file_is_one_line(paused_run, folder, tmp_p
     assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
     before = online.projector[0].weight.detach().clone()
     scaler.scale(online.projector(torch.randn(4, 512)).pow(2).sum()).backward()
+    for g in optimizer.param_groups:    # as the loop sets it each step (a resume keeps this run's)
+        g["lr"] = 0.1
     scaler.step(optimizer)
     assert not torch.equal(before, online.projector[0].weight)
 
@@ -1692,15 +1693,16 @@ def test_unreadable_files_are_replaced_reported_once_and_counted(tmp_path):
     data = image_folder(str(tmp_path / "data"), n_per_class=6, size=32)
     bad = add_unreadable_files(os.path.join(data, "train", "class1"))   # 4 of 16 files: one batch
     out = tmp_path / "out"
-    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "16", "--epochs", "1",
-                 "--max-bad-files", "0.6", "--output-dir", out)
+    # 4 of 16 in each epoch, under 0.3 of an epoch's images; 8 in two, over 0.3 of one epoch's
+    p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "16", "--epochs", "2",
+                 "--max-bad-files", "0.3", "--output-dir", out)
     assert len(p.stderr.splitlines()) == 4                              # a line for each, nothing else
     for path, why in zip(bad, ["0 bytes", "truncated", "not an image", "decompression bomb"]):
         lines = [line for line in p.stderr.splitlines() if path in line]
         assert len(lines) == 1 and why in lines[0], p.stderr
-    assert "4 unreadable images replaced" in p.stdout
-    epoch = read_log(out)[-1]
-    assert epoch["unreadable"] == 4 and torch.load(out / "checkpoint.pth")["step"] == 1
+    assert p.stdout.count("4 unreadable images replaced") == 2
+    assert [r["unreadable"] for r in read_log(out) if "unreadable" in r] == [4, 4]      # per epoch
+    assert torch.load(out / "checkpoint.pth")["step"] == 2
     # --gpu-aug (load_capped, in a data worker) with the default limit, 1 %: a one-line stop
     p = run_intl("--data", data, *SMALL, "--small-images", "--batch-size", "16", "--epochs", "1",
                  "--gpu-aug", "--workers", "1", "--output-dir", tmp_path / "gpu", check=False)
@@ -1955,9 +1957,9 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_an_uninterrupted
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def stop_worker(rank, ports, scenarios, log):
+def rank_worker(rank, ports, scenarios, log, recorded):
     """Rank RANK of two processes forked from this one, as torchrun starts them: each scenario's run
-    in turn, (exit code, stderr, seconds) of each to LOG.RANK."""
+    in turn; (exit code, stderr, seconds) of each, and what `recorded` holds then, to LOG.RANK."""
     torch.set_num_threads(1)
     results = []
     for port, (main, argv) in zip(ports, scenarios):
@@ -1965,9 +1967,24 @@ def stop_worker(rank, ports, scenarios, log):
                           WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
         start = time.time()
         p = in_process(main, argv)
-        results.append((p.returncode, p.stderr, time.time() - start))
-    with open(f"{log}.{rank}", "w") as f:
-        json.dump(results, f)
+        results.append((p.returncode, p.stderr, time.time() - start, copy.deepcopy(recorded)))
+    torch.save(results, f"{log}.{rank}")
+
+
+def two_ranks(scenarios, log, recorded=None):
+    """Each (main, argv) of `scenarios` run by two gloo ranks forked from this process (no
+    interpreter start-up; this process's monkeypatches hold there): per rank, per scenario, the
+    exit code, stderr, seconds and what `recorded` held at its end."""
+    scenarios = [(main, list(map(str, argv))) for main, argv in scenarios]
+    ports = [free_port() for _ in scenarios]
+    ranks = [multiprocessing.get_context("fork").Process(
+        target=rank_worker, args=(r, ports, scenarios, log, recorded)) for r in (0, 1)]
+    for r in ranks:
+        r.start()
+    for r in ranks:
+        r.join(300)
+    assert [r.exitcode for r in ranks] == [0, 0]
+    return [torch.load(f"{log}.{r}", weights_only=False) for r in (0, 1)]
 
 
 def free_port():
@@ -1994,21 +2011,12 @@ def test_two_ranks_stop_together_within_seconds_with_rank_0s_line(folder, tmp_pa
     scenarios = [(train, [*TINY, "--output-dir", locked, *wait]),
                  (eval_linear.main, [*common(data, knn, "--knn", "--max-bad-files", "0"), *wait]),
                  (train, [*TINY, "--output-dir", resumed, "--resume", corrupt, *wait])]
-    scenarios = [(main, list(map(str, argv))) for main, argv in scenarios]
-    ports, log = [free_port() for _ in scenarios], tmp_path / "results"
     with open(locked / "run.lock", "w") as held:
         held.write("process 4242 on elsewhere\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        ranks = [multiprocessing.get_context("fork").Process(target=stop_worker, args=(r, ports, scenarios, log))
-                 for r in (0, 1)]
-        for r in ranks:
-            r.start()
-        for r in ranks:
-            r.join(300)
-    assert [r.exitcode for r in ranks] == [0, 0]
-    rank0, rank1 = (json.load(open(f"{log}.{r}")) for r in (0, 1))
-    for (code0, err0, s0), (code1, err1, s1), words in zip(rank0, rank1, [
+        rank0, rank1 = two_ranks(scenarios, tmp_path / "results")
+    for (code0, err0, s0, _), (code1, err1, s1, _), words in zip(rank0, rank1, [
             [f"--output-dir {locked} is in use by process 4242"],
             ["1 of 25 images unreadable in the train images", "--max-bad-files 0"],
             [f"cannot read checkpoint {corrupt}"]]):
@@ -2029,61 +2037,262 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# ----------------------------------------------------------------------------- the wiring: what the loop hands on, what a save keeps
+def record_the_loop(monkeypatch, signal_before=None):
+    """What intl.py's loop hands each step (the lr of every parameter group, m, the views' shapes)
+    and each epoch's sampler order on this rank, recorded as the loop runs; with signal_before =
+    {N: signal}, a real signal to this process on rank 0 just before its N-th step (counted over
+    the runs that follow)."""
+    steps, orders = [], []
+    real_step, real_order = intl.train_step, utils.ResumableSampler.__iter__
+
+    def step(state, views, m, args):
+        steps.append({"lr": [g["lr"] for g in state.optimizer.param_groups], "m": m,
+                      "shapes": [tuple(v.shape) for v in views]})
+        if (signal_before or {}).get(len(steps)) and os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), signal_before[len(steps)])
+        return real_step(state, views, m, args)
+
+    def order(sampler):
+        seen = list(real_order(sampler))
+        orders.append((sampler.epoch, sampler.rank, sampler.skip, seen))
+        return iter(seen)
+    monkeypatch.setattr(intl, "train_step", step)
+    monkeypatch.setattr(utils.ResumableSampler, "__iter__", order)
+    return steps, orders
+
+
+def distributed_order(n, epoch, rank, world, seed=0):
+    """torch's DistributedSampler's order for an epoch: the independent reference."""
+    sampler = torch.utils.data.DistributedSampler(range(n), world, rank, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("method", ["intl", "intl-m"])
+def test_each_step_gets_the_closed_form_lr_and_momentum_over_the_whole_run_and_a_resume(
+        method, tmp_path, monkeypatch):
+    """3 epochs of 2 steps, 1 of warm-up, cut by SIGTERM before step 3 and resumed: the 6 steps
+    get, once each, the lr of learning_rate and the m of momentum_at at their global step t of 6
+    (not of an epoch's 2), in every parameter group, and the 2 views of 16 images; each epoch a
+    new order, DistributedSampler's for that epoch, the resumed epoch going on from its 17th
+    image."""
+    steps, orders = record_the_loop(monkeypatch, {3: signal.SIGTERM})
+    argv = ["--method", method, "--epochs", "3", "--warmup-epochs", "1", "--lr", "0.4",
+            *(["--target-momentum", "0.9"] if method == "intl-m" else []), "--output-dir", tmp_path / "out"]
+    assert tiny_run(*argv, check=False).returncode == 128 + signal.SIGTERM
+    tiny_run(*argv)
+    m0 = 0.9 if method == "intl-m" else 0.996
+    assert [s["lr"] for s in steps] == [[intl.learning_rate(t, 6, 2, 0.4 * 16 / 256)] * 2 for t in range(6)]
+    assert [s["m"] for s in steps] == [intl.momentum_at(t, 6, m0) for t in range(6)]
+    assert [s["shapes"] for s in steps] == [[(16, 3, 32, 32)] * 2] * 6
+    assert [(e, r, skip) for e, r, skip, _ in orders] == [(0, 0, 0), (1, 0, 0), (1, 0, 16), (2, 0, 0)]
+    full = [distributed_order(32, e, 0, 1) for e in range(3)]
+    assert [o for *_, o in orders] == [full[0], full[1], full[1][16:], full[2]]
+    assert full[0] != full[1] != full[2]
+
+
+def test_two_ranks_each_read_their_share_in_distributed_samplers_order_and_resume_it(tmp_path, monkeypatch):
+    """Two ranks, 2 epochs of 2 steps (8 images a rank a step), SIGTERM to rank 0 before its step 1:
+    both stop after it (rank 1 by agreement), and the rerun goes on: each rank's order each epoch
+    is DistributedSampler's for its rank, and the resumed epoch starts at its rank's 9th image."""
+    steps, orders = record_the_loop(monkeypatch, {1: signal.SIGTERM})
+    argv = [*TINY, "--epochs", "2", "--warmup-epochs", "1", "--output-dir", tmp_path / "out"]
+    train = lambda a: train_in_process(*a)       # noqa: E731
+    ranks = two_ranks([(train, argv), (train, argv)], tmp_path / "ranks", (steps, orders))
+    for rank, ((code, err, _, _), (code2, err2, _, (steps_seen, seen))) in enumerate(ranks):
+        assert (code, code2) == (128 + signal.SIGTERM, 0), (err, err2)
+        full = [distributed_order(32, e, rank, 2) for e in range(2)]
+        assert [(e, r, skip, o) for e, r, skip, o in seen] == [
+            (0, rank, 0, full[0]), (0, rank, 8, full[0][8:]), (1, rank, 0, full[1])]
+        assert [s["lr"] for s in steps_seen] == [[intl.learning_rate(t, 4, 2, 0.3 * 16 / 256)] * 2
+                                                 for t in range(4)]
+        assert [s["shapes"] for s in steps_seen] == [[(8, 3, 32, 32)] * 2] * 4
+    assert "stopped by SIGTERM after step 1" in ranks[0][0][1] and ranks[1][0][1] == ""
+
+
+def same(a, b, where):
+    """a equals b, tensor for tensor (values, dtypes, and the strides of an optimizer's buffers)."""
+    if isinstance(a, nn.Module):
+        return same(a.state_dict(), b.state_dict(), where)
+    if isinstance(a, torch.optim.Optimizer):
+        for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+            assert a.state[p]["momentum_buffer"].stride() == b.state[q]["momentum_buffer"].stride() == p.stride()
+        return same(a.state_dict(), b.state_dict(), where)
+    if isinstance(a, (torch.amp.GradScaler, torch.Generator)):
+        return same(a.state_dict() if hasattr(a, "state_dict") else a.get_state(),
+                    b.state_dict() if hasattr(b, "state_dict") else b.get_state(), where)
+    flat_a, spec_a = tree_flatten(a)
+    flat_b, spec_b = tree_flatten(b)
+    assert spec_a == spec_b, where
+    for x, y in zip(flat_a, flat_b):
+        assert (torch.equal(x, y) and x.dtype == y.dtype) if torch.is_tensor(x) else x == y, where
+
+
+@pytest.mark.parametrize("script", ["intl", "eval_linear"])
+def test_a_checkpoint_round_trips_every_field_of_the_state_and_every_random_stream(
+        script, folder, tmp_path):
+    """A state moved off its start (two steps, a GradScaler at another scale, counters, a best
+    accuracy), saved and loaded into a state built afresh: every field of utils.TrainState that a
+    checkpoint holds (all but `undo`), compared tensor for tensor, so that a field added later is
+    covered too; every random stream (torch's, numpy's, Python's, --gpu-aug's) as it was at the
+    save; the epoch and the step (the sampler's point in the epoch)."""
+    args = intl.parse_args([*TINY, "--method", "intl-m", "--gpu-aug", "--output-dir", str(tmp_path)])
+    if script == "intl":
+        build = lambda: intl.build_state(args, torch.device("cpu"), 1)      # noqa: E731
+        settings, free, describe, exports = utils.plain(vars(args)), intl.FREE_ON_RESUME, intl.network, intl.exports
+    else:
+        args = eval_linear.parse_args(common(folder, tmp_path, "--weights", "finetune"))
+        args.pretrained_sha256 = None
+        build = lambda: eval_linear.build_state(probe_backbone(folder), 512, 3, args, torch.device("cpu"), 1)  # noqa
+        settings = {**utils.plain(vars(args)), "classes": 3}
+        free, describe, exports = eval_linear.FREE_ON_RESUME, eval_linear.describe, eval_linear.exports
+    state = build()
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    state.scaler.scale(torch.ones(()))
+    state.scaler.update(2.0 ** 7)
+    state.best = {"acc1": 42.5, "acc5": 99.0, "epoch": 3}
+    state.counters = {"nonfinite": torch.tensor([2.0, 1.0, 2.0]), "unreadable": 5}
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(2):          # the optimizer's buffers and the BN statistics move
+        out = state.model([x, x]) if script == "intl" else [state.model(x)]
+        state.optimizer.zero_grad()
+        sum(o.square().mean() for o in out).backward()
+        state.optimizer.step()
+    random_draws(state.aug)
+    streams = utils.rng_state(state.aug)
+    ckpt = utils.Checkpoints(str(tmp_path), state, settings, free, describe, exports, 0, 1, None, torch.device("cpu"))
+    ckpt.save(epoch=3, step=7)
+    fresh = build()                         # (which moves the streams on, as do the draws below)
+    fresh.scaler = torch.amp.GradScaler("cpu")
+    fresh.counters = {"nonfinite": torch.zeros(3), "unreadable": 0}
+    fresh.best = {"acc1": 0.0, "acc5": 0.0, "epoch": 0}
+    random_draws(fresh.aug)
+    loaded = utils.Checkpoints(str(tmp_path), fresh, settings, free, describe, exports, 0, 1, None,
+                               torch.device("cpu"))
+    assert loaded.load(str(tmp_path / "checkpoint.pth")) == (3, 7)
+    fields = [f.name for f in dataclasses.fields(utils.TrainState) if f.name != "undo"]
+    assert {"model", "target", "optimizer", "scaler", "aug", "best", "counters"} <= set(fields)
+    for name in fields:
+        if getattr(state, name) is not None or name == "target":
+            same(getattr(state, name), getattr(fresh, name), name)
+    same(utils.rng_state(fresh.aug), streams, "random streams")
+
+
 # ----------------------------------------------------------------------------- faults of long runs and the run folder
 # a skipped last step, a cut-off export, two runs on one folder, a checkpoint that would run
 # code, what a run folder holds, the random streams of a resume, each rank reading the checkpoint
-class NaNInEpoch1sLastBatch(torch.utils.data.Dataset):
-    """Training images as a loader without workers reads them, 32 an epoch in two batches of 16:
-    the last image of epoch 1 gets a NaN pixel (its step's loss is not finite). As epoch 1's last
-    batch and epoch 2's first are read, the run's checkpoint is copied to SAVES/at-read-N.pth:
-    the state before and after that step."""
+class NaNAtSteps(torch.utils.data.Dataset):
+    """Training images as a loader without workers reads them on this rank, `batch` a step: the
+    last image of each step in `steps` (counted from 1 over the run) gets a NaN pixel, so that its
+    loss is not finite. With `saves`, rank 0 copies the run's checkpoint to SAVES/at-read-N.pth
+    as it reads image N of `copies`: the state before and after a step."""
 
-    def __init__(self, images, folder, saves):
-        self.images, self.folder, self.saves, self.reads = images, folder, saves, 0
+    def __init__(self, images, batch, steps, saves=None, copies=()):
+        self.images, self.batch, self.steps, self.saves, self.copies = images, batch, steps, saves, copies
+        self.reads = 0
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         n, self.reads = self.reads, self.reads + 1
-        if n in (16, 32):
-            shutil.copy(self.folder / "checkpoint.pth", self.saves / f"at-read-{n}.pth")
+        if n in self.copies and os.environ.get("RANK", "0") == "0":
+            shutil.copy(self.saves / "out" / "checkpoint.pth", self.saves / f"at-read-{n}.pth")
         views, label = self.images[i]
-        if n == 31:
+        if n // self.batch + 1 in self.steps and n % self.batch == self.batch - 1:
             views[1][0, 0, 0] = float("nan")
         return views, label
 
 
-def test_a_non_finite_last_step_changes_no_state_and_the_run_goes_on(tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def nan_at_steps(monkeypatch, *args, **kw):
     read = utils.labelled_images
-    monkeypatch.setattr(utils, "labelled_images",
-                        lambda *a, **k: NaNInEpoch1sLastBatch(read(*a, **k), out, tmp_path))
-    p = tiny_run("--epochs", "2", "--save-every-minutes", "1e-6", "--output-dir", out)  # saves each step
+    monkeypatch.setattr(utils, "labelled_images", lambda *a, **k: NaNAtSteps(read(*a, **k), *args, **kw))
+
+
+@pytest.mark.parametrize("method, ranks", [("intl", 1), ("intl-m", 1), ("intl-m", 2)])
+def test_a_non_finite_last_step_changes_no_state_and_the_run_goes_on(method, ranks, tmp_path, monkeypatch):
+    """A NaN in the last batch of epoch 1 (of 2): that step leaves the online network's and the
+    target's weights and BN statistics, the optimizer's buffers and the run's counters as they
+    were, but for the skipped-step count; the epoch's record says so, and epoch 2 trains."""
+    out, per_rank = tmp_path / "out", 16 // ranks
+    nan_at_steps(monkeypatch, per_rank, {2}, tmp_path, (per_rank, 2 * per_rank))
+    argv = [*TINY, "--method", method, "--epochs", "2", "--save-every-minutes", "1e-6", "--output-dir", out]
+    if ranks == 1:
+        p = tiny_run(*argv[len(TINY):])     # (saves after every step)
+        stdout = p.stdout
+    else:
+        ran = two_ranks([(lambda a: train_in_process(*a), argv)], tmp_path / "ranks")
+        assert [r[0][0] for r in ran] == [0, 0], [r[0][1] for r in ran]
+        stdout = (out / "log.txt").read_text()
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 2, 3, 4, 4] and log[1]["loss"] is None    # JSON's null
-    before, after = (torch.load(tmp_path / f"at-read-{n}.pth", weights_only=True) for n in (16, 32))
+    before, after = (torch.load(tmp_path / f"at-read-{n}.pth", weights_only=True) for n in (per_rank, 2 * per_rank))
     assert (before["epoch"], before["step"], after["epoch"], after["step"]) == (0, 1, 1, 2)
-    assert before["model"].keys() == after["model"].keys()
-    buffers = [k for k in before["model"] if "running_" in k or "num_batches" in k]
-    assert len(buffers) == 3 * 22         # of the 20 BNs of the ResNet-18 and 2 of the projector
-    for key, value in before["model"].items():      # weights and BN buffers, the counts too
-        assert torch.equal(value, after["model"][key]), key
+    nets = ["model"] + (["target"] if method == "intl-m" else [])
+    for net in nets:                      # weights and BN buffers, the counts too
+        assert before[net].keys() == after[net].keys()
+        assert len([k for k in before[net] if "running_" in k or "num_batches" in k]) == 3 * 22
+        for key, value in before[net].items():
+            assert torch.equal(value, after[net][key]), (net, key)
     momentum = lambda c: [s["momentum_buffer"] for s in c["optimizer"]["state"].values()]  # noqa
     assert len(momentum(before)) == len(before["model"]) - 3 * 22
     assert all(torch.equal(a, b) for a, b in zip(momentum(before), momentum(after)))
-    # the epoch's record says so; the next epoch trains, and moves the statistics again
+    # the counters: one step skipped (a run of 1), as the epoch-end save resets the epoch's count
+    assert before["counters"]["nonfinite"].tolist() == [0, 0, 0] and after["counters"]["nonfinite"].tolist() == [0, 1, 1]
     epoch1, epoch2 = log[2], log[5]
     assert epoch1["projector"] == epoch1["transformed"] == {"cond": None, "erank": None}
     assert epoch1["nonfinite"] == 1 and epoch2["nonfinite"] == 0 and epoch2["projector"]["erank"] > 1
-    assert "epoch 1: spectrum cond/erank projector -, iternorm output - of 16" in p.stdout
-    assert "1 steps skipped (loss not finite)" in p.stdout
+    assert "epoch 1: spectrum cond/erank projector -, iternorm output - of 16" in stdout
+    assert "1 steps skipped (loss not finite)" in stdout
     spectra = read_log(out, "spectrum.jsonl")
     assert spectra[0] == {"epoch": 1, "before": [], "after": []} and len(spectra[1]["after"]) == 16
     final = torch.load(out / "checkpoint.pth", weights_only=True)
     assert (final["epoch"], final["step"]) == (2, 4)
-    key = "backbone.bn1.running_mean"
-    assert not torch.equal(final["model"][key], after["model"][key])
+    for net in nets:
+        assert not torch.equal(final[net]["backbone.bn1.running_mean"], after[net]["backbone.bn1.running_mean"])
+
+
+@pytest.mark.parametrize("nan_steps, stop", [({1, 2, 4, 5, 7, 8}, None), ({3, 4, 5, 6, 7, 8}, 6)])
+def test_non_finite_losses_stop_the_run_after_k_in_a_row_at_the_next_check(nan_steps, stop, tmp_path, monkeypatch):
+    """--max-nonfinite 3, checked every --print-freq 2 steps, 4 steps an epoch: runs of 2 broken
+    by a finite loss never stop the run (3 skipped in each epoch); a run of 3 that ends at step 5
+    stops it at the check of step 6, not at the epoch's save (step 8), in one line, without
+    saving."""
+    nan_at_steps(monkeypatch, 16, nan_steps)
+    out = tmp_path / "out"
+    p = tiny_run("--subset", "64", "--epochs", "2", "--max-nonfinite", "3", "--print-freq", "2",
+                 "--output-dir", out, check=False)
+    if stop is None:
+        assert p.returncode == 0, p.stderr
+        assert [r["nonfinite"] for r in read_log(out) if "nonfinite" in r] == [3, 3]
+    else:
+        assert_one_line_error(p, f"not finite for 3 steps in a row, by step {stop}", "lower --lr")
+        assert torch.load(out / "checkpoint.pth")["step"] == 4       # epoch 1's: nothing saved since
+
+
+def test_saves_come_every_save_every_minutes_by_the_clock_and_progress_every_print_freq_steps(
+        tmp_path, monkeypatch):
+    """A clock that moves 25 s a step, --save-every-minutes 1, 4 steps an epoch: a mid-epoch save
+    once 60 s have passed since the last save (steps 3 and 7), each epoch's at its end (4, 8);
+    --print-freq 3: a progress record at steps 3 and 6 and at each epoch's last."""
+    clock, saves = [1e9], []
+    real_step, real_save = intl.train_step, utils.Checkpoints.save
+
+    def step(*args):
+        clock[0] += 25
+        return real_step(*args)
+
+    def save(self, epoch, step, exports=False):
+        saves.append((epoch, step))
+        return real_save(self, epoch, step, exports)
+    monkeypatch.setattr(intl, "train_step", step)
+    monkeypatch.setattr(utils.Checkpoints, "save", save)
+    monkeypatch.setattr(utils.time, "time", lambda: clock[0])
+    out = tmp_path / "out"
+    tiny_run("--subset", "64", "--epochs", "2", "--save-every-minutes", "1", "--print-freq", "3", "--output-dir", out)
+    assert saves == [(0, 3), (1, 4), (1, 7), (2, 8)]
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [3, 4, 6, 8]
 
 
 def test_a_stop_signal_during_the_monitor_stops_the_run_within_its_batch(tmp_path, monkeypatch):
@@ -2348,9 +2557,6 @@ def test_each_rank_reads_a_shared_checkpoint_itself_memory_mapped_else_gets_rank
 
 
 # ----------------------------------------------------------------------------- figures
-figures = importlib.import_module("figures")        # matplotlib is imported only to draw
-
-
 def write_jsonl(path, records):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -2917,10 +3123,7 @@ def test_detectron2_configs_name_their_bases_and_the_registered_head(name, iters
     assert registered_roi_heads() == {"Res5ROIHeadsExtraNorm"}
     settings = "\n".join(line.split("#")[0] for text in texts for line in text.splitlines())
     assert len(texts) == 2 and 'NAME: "Res5ROIHeadsExtraNorm"' in texts[-1] and "FPN" not in settings
-    try:
-        import yaml
-    except ImportError:
-        return                           # (not a dependency) the text checks above stand alone
+    import yaml         # in the README's test install line (a test dependency, not the code's)
     cfg = merged(texts, yaml)
     model = cfg["MODEL"]
     assert model["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm" and model["RESNETS"]["DEPTH"] == 50
@@ -3331,6 +3534,9 @@ def printed_commands(text, markdown=True):
     into words: lines of its code blocks (continuation lines joined) and inline code, from `python`
     or `torchrun` on, up to a shell operator or a comment; placeholders get sample values."""
     blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) if markdown else [text]
+    for i, b in enumerate(blocks):        # the block's shell variables, VAR="..." (lines joined)
+        for name, value in re.findall(r'^(\w+)="([^"]*)"', b, re.M | re.S):
+            blocks[i] = b.replace(f"${name}", " ".join(value.split()))
     lines = [line for b in blocks for line in re.sub(r"\\+\n", " ", b).splitlines()]
     lines += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S)) if markdown else []
     for line in lines:

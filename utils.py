@@ -10,7 +10,7 @@ the scripts pass in what they mean.
   holds the position in the epoch (ResumableSampler skips what was seen), and the ranks agree on
   it over a CPU process group (agree), so the GPU is never waited for;
 * a non-finite loss skips its update on the device (step_if_finite) and leaves the BatchNorm
-  statistics as they were (buffers_of, restore_if_not_finite);
+  statistics (and INTL-M's target) as they were (undo_memory, snapshot, restore_if_not_finite);
 * saves are atomic; a full disk stops in one line, keeps the previous file and removes the partial
   one; a folder in use by another run is refused (RunFolder's lock);
 * checkpoints load without running code (weights_only) and are continued only by a run with the
@@ -958,28 +958,29 @@ def flat_like(tensors):
     return flat, [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def buffers_of(*modules, into=None):
-    """The modules' buffers (BatchNorm's running statistics), copied to undo a skipped step: one
-    torch._foreach_copy_ per dtype into flat memory allocated once; `into` is this function's
-    result at the previous step, reused at each step. Per dtype: (the buffers, (their copy, its
-    views), (room for restore_if_not_finite, its views))."""
-    if into is None:
-        live = [b for m in modules if m is not None for b in m.buffers()]
-        kinds = dict.fromkeys((b.dtype, b.device) for b in live)
-        groups = [[b for b in live if (b.dtype, b.device) == kind] for kind in kinds]
-        into = [(group, flat_like(group), flat_like(group)) for group in groups]
-    for live, (_, copies), _ in into:
-        torch._foreach_copy_(copies, live)
-    return into
+def undo_memory(tensors):
+    """Room, allocated once, for what a skipped step puts back (`tensors`: BatchNorm's running
+    statistics, INTL-M's target before its EMA). Per dtype and device: (the tensors, (their copy,
+    its views), (room for restore_if_not_finite, its views))."""
+    kinds = dict.fromkeys((t.dtype, t.device) for t in tensors)
+    groups = [[t for t in tensors if (t.dtype, t.device) == kind] for kind in kinds]
+    return [(group, flat_like(group), flat_like(group)) for group in groups]
 
 
 @torch.no_grad()
-def restore_if_not_finite(saved, loss):
-    """A batch whose loss is not finite has passed through BatchNorm in training mode: its
-    statistics go, decided on the device (no host sync): per dtype, the buffers as they are now
-    into flat memory, where() picks the copy if the loss is not finite, and a copy back."""
+def snapshot(undo):
+    """The tensors of undo_memory, copied at the start of a step: one foreach copy per dtype."""
+    for live, (_, copies), _ in undo:
+        torch._foreach_copy_(copies, live)
+
+
+@torch.no_grad()
+def restore_if_not_finite(undo, loss):
+    """A step whose loss is not finite leaves no trace: the snapshot's tensors go back, decided on
+    the device (no host sync): per dtype, the tensors as they are now into flat memory, where()
+    picks the copy if the loss is not finite, and a copy back."""
     bad = ~torch.isfinite(loss.detach())
-    for live, (copy, _), (now, now_views) in saved:
+    for live, (copy, _), (now, now_views) in undo:
         torch._foreach_copy_(now_views, live)
         torch.where(bad, copy, now, out=now)
         torch._foreach_copy_(live, now_views)
@@ -1130,7 +1131,8 @@ class TrainState:
     amp: torch.dtype = None             # the autocast dtype (None: float32)
     device: torch.device = None
     best: dict = None                   # an evaluation's best val accuracy so far
-    bn_copies: list = None              # BN statistics copied at each step (buffers_of), not saved
+    counters: dict = None               # Guard's counts of the epoch in flight
+    undo: list = None                   # what a skipped step puts back (undo_memory): not saved
 
     def train(self):
         """Training mode for both networks: BN layers use the batch's statistics in each."""
@@ -1180,6 +1182,7 @@ class Checkpoints:
         s = self.state
         ckpt = lambda: {"model": unwrap(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),  # noqa: E731
                         "target": s.target.state_dict() if s.target else None, "best": s.best,
+                        "counters": s.counters,
                         "scaler": s.scaler.state_dict() if s.scaler else None, "epoch": epoch,
                         "step": step, "rng": rngs, "args": self.settings,
                         "describe": self.describe(self.settings)}
@@ -1232,6 +1235,9 @@ class Checkpoints:
             if ckpt["scaler"] and s.scaler:   # none without fp16: a fresh one (--amp may change)
                 s.scaler.load_state_dict(ckpt["scaler"])
             s.best = ckpt.get("best", s.best)
+            if ckpt.get("counters") and s.counters:
+                s.counters = {k: v.to(s.counters[k].device) if torch.is_tensor(v) else v
+                              for k, v in ckpt["counters"].items()}
             resume_rng_state(ckpt["rng"], self.rank, s.aug, self.device)
         except (KeyError, TypeError, RuntimeError, ValueError) as e:
             fail(f"checkpoint {path} does not match this run ({self.describe(self.settings)}): "
@@ -1279,19 +1285,24 @@ class Guard:
         self.every_s, self.last_save = 60 * save_every_minutes, time.time()
         self.stop = stop or StopSignals()
         self.unreadable = unreadable or Unreadable(max_bad_files)
-        self.nonfinite = torch.zeros(3, device=checkpoints.device)   # skipped, current run, longest
-        self.stopping, self.bad_files = False, 0
+        # the epoch's counts, in the state (a mid-epoch resume continues them): non-finite losses
+        # [skipped, current run, longest run] on the device, and the unreadable images replaced
+        self.counts = checkpoints.state.counters = {
+            "nonfinite": torch.zeros(3, device=checkpoints.device), "unreadable": 0}
+        self.stopping = False
 
     def after_step(self, epoch, step, loss, problems, last):
         """loss: the same on every rank (the global batch's), so that they decide alike."""
-        count_nonfinite(self.nonfinite, loss)
+        self.counts = self.ckpt.state.counters          # (a resume may have put the file's there)
+        count_nonfinite(self.counts["nonfinite"], loss)
         due = self.every_s and time.time() - self.last_save > self.every_s
         stopping, due, bad, later = agree([self.stop.signum, due, self.unreadable.add(problems),
                                            bool(STOP_LATER)], self.group)
         if later:       # a log write failed: the checkpoint holds the last save
             stop_if_later(self.group)
-        self.stopping, self.bad_files = bool(stopping), self.bad_files + bad
-        self.unreadable.check(self.bad_files, self.images, self.ckpt.rank)
+        self.stopping = bool(stopping)
+        self.counts["unreadable"] += bad
+        self.unreadable.check(self.counts["unreadable"], self.images, self.ckpt.rank)
         if step % self.check_every == 0:
             self.check_nonfinite(step)
         if (self.stopping or due) and not last:     # mid-epoch (an epoch's end saves anyway)
@@ -1300,7 +1311,7 @@ class Guard:
 
     def check_nonfinite(self, step):
         lr = self.ckpt.state.optimizer.param_groups[0]["lr"]
-        check_nonfinite(self.nonfinite, self.max_nonfinite, step, lr, self.ckpt.rank, self.hint)
+        check_nonfinite(self.counts["nonfinite"], self.max_nonfinite, step, lr, self.ckpt.rank, self.hint)
 
     def save(self, epoch, step, exports=False):
         """Never weights after a divergence: the last finite checkpoint stays."""
@@ -1314,12 +1325,13 @@ class Guard:
         self.last_save = time.time()
 
     def end_epoch(self, epoch, step, exports=True):
-        """Saves the epoch (the exports, then the checkpoint); returns its counts, reset for the
-        next."""
+        """Saves the epoch (the exports, then the checkpoint, with the counts reset for the next
+        epoch); returns the epoch's counts."""
+        self.counts = self.ckpt.state.counters
+        counts = {"unreadable": self.counts["unreadable"], "nonfinite": int(self.counts["nonfinite"][0])}
+        self.counts["unreadable"] = 0
+        self.counts["nonfinite"][0] = 0
         self.save(epoch, step, exports)
-        counts = {"unreadable": self.bad_files, "nonfinite": int(self.nonfinite[0])}
-        self.bad_files = 0
-        self.nonfinite[0] = 0
         return counts
 
     def stop_if_asked(self, step):
