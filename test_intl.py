@@ -1466,6 +1466,36 @@ def test_bad_input_gives_one_line_errors(tmp_path):
                           "--batch-size 17", "world size 2")
     assert_one_line_error(run_intl("--data", data, "--arch", "resnet7", "--batch-size", "16", check=False), "resnet7")
     assert_one_line_error(run_intl("--data", data, "--epochs", "x", check=False), "--epochs")
+    # a folder given for a file, and one empty class folder, say so
+    assert_one_line_error(run_intl("--data", data, *SMALL, "--batch-size", "16", "--resume", tmp_path,
+                                   "--output-dir", tmp_path / "out", check=False),
+                          f"--resume {tmp_path} is a directory, not a checkpoint file")
+    assert_one_line_error(run_eval(["--data", data, "--pretrained", tmp_path]),
+                          f"--pretrained {tmp_path}: is a directory, not a checkpoint file")
+    os.makedirs(os.path.join(data, "train", "class2"))
+    assert_one_line_error(run_intl("--data", data, *SMALL, check=False),
+                          f"{os.path.join(data, 'train', 'class2')} holds no images", "2 of 3 class folders do")
+
+
+def test_ctrl_c_is_one_line_before_a_run_has_set_up_its_handlers_and_after(folder, tmp_path, monkeypatch):
+    """A KeyboardInterrupt before the stop signals are handled (loading the data, say) ends the
+    script in one line; a real SIGINT during an evaluation's feature pass ends it within the batch,
+    in one line, with exit code 130."""
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        utils.exit_on_ctrl_c(interrupted)
+    assert e.value.code == "stopped by Ctrl-C before the run had started: nothing to save"
+    real = utils.features
+
+    def signalled(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(eval_linear, "features", signalled)
+    p = run_eval(common(folder, tmp_path / "knn", "--knn"))
+    assert p.returncode == 130 and p.stderr.strip().splitlines() == [
+        "stopped by SIGINT during the train features: nothing is saved (they are computed again): run the "
+        "same command to start again"], p.stderr
 
 
 def test_bad_checkpoints_never_overwrite_a_good_one(tmp_path):
