@@ -494,7 +494,7 @@ def parse_args(argv=None, need_data=True):
     add("--monitor-every", type=int, default=0, help="every N epochs, 5-NN and linear-probe "
         "top-1 of the backbone on labelled data (test split, or DIR/val) as a monitor (0: never)")
     add("--output-dir", default="runs/intl", help="the run folder: checkpoint.pth, backbone.pth, "
-        "args.json, log.txt, log.jsonl, spectrum.jsonl")
+        "args.json, log.txt, log.jsonl, spectrum.jsonl, done")
     add("--resume", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint.pth if there)")
     add("--restart", action="store_true", help="start afresh even if OUTPUT_DIR has a checkpoint")
     add("--allow-changed-args", action="store_true", help="resume with other settings than the "

@@ -1235,9 +1235,9 @@ class Checkpoints:
             if ckpt["scaler"] and s.scaler:   # none without fp16: a fresh one (--amp may change)
                 s.scaler.load_state_dict(ckpt["scaler"])
             s.best = ckpt.get("best", s.best)
-            if ckpt.get("counters") and s.counters:
-                s.counters = {k: v.to(s.counters[k].device) if torch.is_tensor(v) else v
-                              for k, v in ckpt["counters"].items()}
+            if ckpt.get("counters") and s.counters:      # in place: Guard holds this dict
+                s.counters.update({k: v.to(s.counters[k].device) if torch.is_tensor(v) else v
+                                   for k, v in ckpt["counters"].items()})
             resume_rng_state(ckpt["rng"], self.rank, s.aug, self.device)
         except (KeyError, TypeError, RuntimeError, ValueError) as e:
             fail(f"checkpoint {path} does not match this run ({self.describe(self.settings)}): "
@@ -1293,7 +1293,6 @@ class Guard:
 
     def after_step(self, epoch, step, loss, problems, last):
         """loss: the same on every rank (the global batch's), so that they decide alike."""
-        self.counts = self.ckpt.state.counters          # (a resume may have put the file's there)
         count_nonfinite(self.counts["nonfinite"], loss)
         due = self.every_s and time.time() - self.last_save > self.every_s
         stopping, due, bad, later = agree([self.stop.signum, due, self.unreadable.add(problems),
@@ -1327,7 +1326,6 @@ class Guard:
     def end_epoch(self, epoch, step, exports=True):
         """Saves the epoch (the exports, then the checkpoint, with the counts reset for the next
         epoch); returns the epoch's counts."""
-        self.counts = self.ckpt.state.counters
         counts = {"unreadable": self.counts["unreadable"], "nonfinite": int(self.counts["nonfinite"][0])}
         self.counts["unreadable"] = 0
         self.counts["nonfinite"][0] = 0
