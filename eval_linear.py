@@ -250,15 +250,15 @@ def build_state(backbone, dim, classes, args, device, world):
                        "base_lr": args.lr_backbone * args.batch_size / 256})
     optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9, weight_decay=0)
     utils.zero_momentum(optimizer)     # buffers exist before a first step that may be skipped
-    return utils.TrainState(model, optimizer=optimizer, device=device,
+    undo = utils.undo_memory(list(backbone.buffers()) if finetune else [])    # frozen BN: nothing
+    return utils.TrainState(model, optimizer=optimizer, device=device, undo=undo,
                             best={"acc1": 0.0, "acc5": 0.0, "epoch": 0})
 
 
 def train_step(state, x, y):
     """One SGD step on the cross-entropy, skipped on the device (BN statistics put back too) when
     the loss of any rank is not finite. Returns the global batch's loss."""
-    state.undo = state.undo or utils.undo_memory(list(utils.unwrap(state.model).buffers()))
-    utils.snapshot(state.undo)
+    utils.snapshot(state.undo)          # the BN statistics a skipped step puts back
     loss = F.cross_entropy(state.model(x), y)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -373,7 +373,7 @@ def export_detectron2(args):
         fail(f"--export-detectron2 {out}: {e.strerror or e}")
     print(f"wrote {out}: {len(model)} arrays of the backbone in {args.pretrained}"
           + (" (momentum encoder)" if args.momentum_encoder else "") + " under detectron2's names; "
-          f"train with detection/train_net.py (detection/README.md)", flush=True)
+          "train with detection/train_net.py (detection/README.md)", flush=True)
     return out
 
 
