@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 import torch
@@ -290,23 +291,29 @@ def host_us(layer, x, dy, device, passes):
 
 
 def collectives_us(layer, x, dy, device, passes):
-    """Host time per forward + backward spent inside the layer's calls of dist.all_reduce and
-    dist.all_gather_single (each call timed): its process group's share of its host time."""
-    spent, calls = [0.0], (dist.all_reduce, dist.all_gather_single)
+    """Host time per forward + backward inside the layer's collectives (each call of
+    dist.all_reduce and dist.all_gather_single, each start of utils.start_all_reduce and each wait
+    on it, timed) and outside them: its process group's share of its host time, and the rest."""
+    spent, calls = [0.0], (dist.all_reduce, dist.all_gather_single, utils.start_all_reduce)
 
-    def timed(collective):
-        def call(*args, **kwargs):
+    def timed(call):
+        def timed_call(*args, **kwargs):
             t = time.perf_counter()
-            out = collective(*args, **kwargs)
+            out = call(*args, **kwargs)
             spent[0] += time.perf_counter() - t
             return out
-        return call
-    dist.all_reduce, dist.all_gather_single = map(timed, calls)
+        return timed_call
+
+    def timed_start(t):
+        return types.SimpleNamespace(wait=timed(timed(calls[2])(t).wait))
+    dist.all_reduce, dist.all_gather_single = map(timed, calls[:2])
+    utils.start_all_reduce = timed_start
     try:
-        host_us(layer, x, dy, device, passes)
+        total = host_us(layer, x, dy, device, passes)
     finally:
-        dist.all_reduce, dist.all_gather_single = calls
-    return 1e6 * spent[0] / passes
+        dist.all_reduce, dist.all_gather_single, utils.start_all_reduce = calls
+    inside = 1e6 * spent[0] / passes
+    return inside, total - inside
 
 
 def syncbn_row(shape, device, dtype, passes, repeats):
@@ -314,17 +321,19 @@ def syncbn_row(shape, device, dtype, passes, repeats):
     x = torch.randn(shape, device=device, dtype=dtype)
     x = (x.to(memory_format=utils.memory_format(device)) if x.dim() == 4 else x).requires_grad_()
     dy, layers = torch.randn_like(x), syncbn_layers(shape, device)
-    times = {name: [] for name in [*layers, "collectives"]}
+    times = {name: [] for name in [*layers, "collectives", "outside"]}
     for layer in layers.values():                                   # warm-up
         host_us(layer, x, dy, device, 3)
     for _ in range(repeats):
         for name, layer in layers.items():
             times[name].append(host_us(layer, x, dy, device, passes))
-        times["collectives"].append(collectives_us(layers["ours"], x, dy, device, passes))
+        for name, t in zip(("collectives", "outside"), collectives_us(layers["ours"], x, dy, device, passes)):
+            times[name].append(t)
     us = {name: statistics.median(t) for name, t in times.items()}
     return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
             **{f"{name}_us": round(v, 1) for name, v in us.items()},
             "ours_over_plain": round(us["ours"] / us["plain"], 2),
+            "outside_over_plain": round(us["outside"] / us["plain"], 2),
             "torch_over_plain": round(us["torch"] / us["plain"], 2) if "torch" in us else None}
 
 
@@ -350,8 +359,9 @@ def bench_syncbn(args):
         theirs = (f"torch's nn.SyncBatchNorm {r['torch_us']:.0f} µs ({r['torch_over_plain']}x)"
                   if r["torch_over_plain"] else "torch's nn.SyncBatchNorm: needs CUDA")
         print(f"{r['shape']} {r['dtype']}: plain nn.BatchNorm {r['plain_us']:.0f} µs, ours "
-              f"{r['ours_us']:.0f} µs ({r['ours_over_plain']}x; {r['collectives_us']:.0f} µs of it "
-              f"inside its two {backend} calls), {theirs}")
+              f"{r['ours_us']:.0f} µs ({r['ours_over_plain']}x; inside its two {backend} calls "
+              f"{r['collectives_us']:.0f} µs, outside them {r['outside_us']:.0f} µs: "
+              f"{r['outside_over_plain']}x plain), {theirs}")
     result = {"benchmark": "syncbn", "device": device_name(device), "backend": backend,
               "passes": args.bench_steps, "repeats": repeats, "layers": rows}
     print(json.dumps(result), flush=True)

@@ -1458,11 +1458,6 @@ def monitor(backbone, pair, device, workers=0, stop=None):
 # Every rank has an equal, non-empty batch (the sampler drops the last partial one), so every
 # rank's count is known: one collective per BN layer and direction, and the host never waits for
 # the GPU (torch's nn.SyncBatchNorm all-gathers the counts and drops empty ranks: a host wait).
-def per_channel(v, x):
-    """A per-channel vector shaped to broadcast against x ([N, C] or [N, C, H, W])."""
-    return v.view(1, -1, *[1] * (x.dim() - 2))
-
-
 def dense(t):
     """t as torch's SyncBatchNorm hands it to the kernels: channels_last kept, else contiguous."""
     return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
@@ -1513,6 +1508,13 @@ class SyncBatchNormCUDA(torch.autograd.Function):
         return dx, dw if needs_w else None, db if needs_b else None, None, None, None, None
 
 
+def start_all_reduce(t):
+    """Start summing t over the default group's ranks, in place; .wait() on what it returns.
+    The group's own call: dist.all_reduce's Python checks around it cost as much again on a CPU
+    (30 µs a call). (torch.compile traces dist.all_reduce only: the CUDA path keeps it.)"""
+    return dist.group.WORLD.allreduce([t])
+
+
 class SyncBatchNormCPU(torch.autograd.Function):
     """The same on CPUs, which lack those kernels: each rank's mean and mean square in one
     all-reduce, then nn.BatchNorm's own CPU kernels in eval mode with the global statistics.
@@ -1522,10 +1524,10 @@ class SyncBatchNormCPU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
         wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
         mean, var = torch.batch_norm_update_stats(wide, None, None, 0.0)    # this rank's, 1 pass
-        moments = torch.cat([mean, var.addcmul_(mean, mean)])   # this rank's mean of x and of x²
-        dist.all_reduce(moments)          # equal counts: the global moments are the ranks' mean
+        moments = torch.stack([mean, var.addcmul_(mean, mean)])  # this rank's mean of x and of x²
+        start_all_reduce(moments).wait()  # equal counts: the global moments are the ranks' mean
         world = dist.get_world_size()
-        mean, mean_sq = moments.div_(world).chunk(2)
+        mean, mean_sq = moments.div_(world).unbind()
         var = mean_sq.addcmul_(mean, mean, value=-1).clamp_min_(0)   # rounding: a hair below 0
         n = x.numel() // x.shape[1] * world
         if running_mean is not None:
@@ -1544,15 +1546,17 @@ class SyncBatchNormCPU(torch.autograd.Function):
             dy, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
         dx = None
         if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_dy, sum_dy_x_hat])
-            dist.all_reduce(sums)           # [sum dy, sum dy x̂] of every rank, in one call
-            mean_dy, mean_dy_x_hat = sums.div_(ctx.n).chunk(2)
-            invstd = (var + ctx.eps).rsqrt_()
+            sums = torch.stack([sum_dy, sum_dy_x_hat])
+            summing = start_all_reduce(sums)    # [sum dy, sum dy x̂] of every rank, in one call
+            invstd = (var + ctx.eps).rsqrt_()   # while it runs, the terms that need no other rank
             scale = invstd if weight is None else invstd * weight
-            slope = mean_dy_x_hat * invstd * scale      # dx = s dy - slope (x - mean) - s mean(dy)
-            shift = torch.addcmul(slope * mean, scale, mean_dy, value=-1)
-            dx = torch.addcmul(per_channel(shift, x), x, per_channel(slope, x), value=-1)
-            dx = dx.addcmul_(dy, per_channel(scale, x)).to(x.dtype)     # in float32 at least
+            to_x = (1, -1) + (1,) * (x.dim() - 2)       # per-channel values broadcast against x
+            dx = torch.mul(dy, scale.view(to_x))        # in float32 at least
+            summing.wait()
+            mean_dy, mean_dy_x_hat = sums.div_(ctx.n).unbind()
+            slope = mean_dy_x_hat.mul_(invstd).mul_(scale)  # dx = s dy - slope (x - mean) - s mean(dy)
+            shift = torch.mul(slope, mean).addcmul_(scale, mean_dy, value=-1)
+            dx = dx.addcmul_(x, slope.view(to_x), value=-1).add_(shift.view(to_x)).to(x.dtype)
         dw = sum_dy_x_hat if ctx.needs_input_grad[1] else None
         db = sum_dy if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None
