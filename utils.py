@@ -1509,10 +1509,13 @@ class SyncBatchNormCUDA(torch.autograd.Function):
 
 
 def start_all_reduce(t):
-    """Start summing t over the default group's ranks, in place; .wait() on what it returns.
-    The group's own call: dist.all_reduce's Python checks around it cost as much again on a CPU
-    (30 µs a call). (torch.compile traces dist.all_reduce only: the CUDA path keeps it.)"""
-    return dist.group.WORLD.allreduce([t])
+    """Start summing t over the default group's ranks, in place; returns the call that waits for
+    the sum. The group's own call, without dist.all_reduce's Python checks (a few to 30 µs a call
+    on a CPU core); torch.compile traces dist.all_reduce only, and only waited on at once."""
+    if torch.compiler.is_compiling():
+        dist.all_reduce(t)
+        return lambda: None
+    return dist.group.WORLD.allreduce([t]).wait
 
 
 class SyncBatchNormCPU(torch.autograd.Function):
@@ -1523,9 +1526,12 @@ class SyncBatchNormCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
         wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mean, var = torch.batch_norm_update_stats(wide, None, None, 0.0)    # this rank's, 1 pass
+        if torch.compiler.is_compiling():   # the kernel below has none that torch.compile traces
+            var, mean = torch.var_mean(wide, [0, *range(2, x.dim())], correction=0)
+        else:
+            mean, var = torch.batch_norm_update_stats(wide, None, None, 0.0)    # this rank's, 1 pass
         moments = torch.stack([mean, var.addcmul_(mean, mean)])  # this rank's mean of x and of x²
-        start_all_reduce(moments).wait()  # equal counts: the global moments are the ranks' mean
+        start_all_reduce(moments)()     # summed; equal counts: the global moments are their mean
         world = dist.get_world_size()
         mean, mean_sq = moments.div_(world).unbind()
         var = mean_sq.addcmul_(mean, mean, value=-1).clamp_min_(0)   # rounding: a hair below 0
@@ -1547,12 +1553,12 @@ class SyncBatchNormCPU(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             sums = torch.stack([sum_dy, sum_dy_x_hat])
-            summing = start_all_reduce(sums)    # [sum dy, sum dy x̂] of every rank, in one call
+            wait_for_sums = start_all_reduce(sums)  # [sum dy, sum dy x̂] of every rank, in one call
             invstd = (var + ctx.eps).rsqrt_()   # while it runs, the terms that need no other rank
             scale = invstd if weight is None else invstd * weight
             to_x = (1, -1) + (1,) * (x.dim() - 2)       # per-channel values broadcast against x
             dx = torch.mul(dy, scale.view(to_x))        # in float32 at least
-            summing.wait()
+            wait_for_sums()
             mean_dy, mean_dy_x_hat = sums.div_(ctx.n).unbind()
             slope = mean_dy_x_hat.mul_(invstd).mul_(scale)  # dx = s dy - slope (x - mean) - s mean(dy)
             shift = torch.mul(slope, mean).addcmul_(scale, mean_dy, value=-1)
