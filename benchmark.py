@@ -326,8 +326,9 @@ def syncbn_row(shape, device, dtype, passes, repeats):
     for _ in range(repeats):
         for name, layer in layers.items():
             times[name].append(host_us(layer, x, dy, device, passes))
-        for name, t in zip(("collectives", "outside"), collectives_us(layers["ours"], x, dy, device, passes)):
-            times[name].append(t)
+        inside, outside = collectives_us(layers["ours"], x, dy, device, passes)
+        times["collectives"].append(inside)
+        times["outside"].append(outside)
     us = {name: statistics.median(t) for name, t in times.items()}
     return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
             **{f"{name}_us": round(v, 1) for name, v in us.items()},
