@@ -165,11 +165,12 @@ class Run(NamedTuple):
     unreadable: utils.Unreadable
 
 
-def pass_features(backbone, dataset, name, run, stop_here=True):
-    """Raw features and labels of a whole set, on every rank (each rank encodes its shard; the
-    padding is dropped after the all-gather), and how many of its images were unreadable and
-    replaced (counted over the ranks). A stop signal ends the pass within a batch: every rank
-    stops (nothing to save: the features are computed again), or, not stop_here, None."""
+def pass_features(backbone, dataset, name, run, stop_here=True, everywhere=True):
+    """Raw features and labels of a whole set on every rank (each rank encodes its shard; they
+    are all-gathered), or, not everywhere, of this rank's shard; the shards' padding dropped; and
+    how many of the set's images were unreadable and replaced (counted over the ranks). A stop
+    signal ends the pass within a batch: every rank stops (nothing to save: the features are
+    computed again), or, not stop_here, None."""
     watch = utils.PassWatch(run.unreadable, len(dataset), run.signals, utils.host_group(),
                             f"the {name} images")
     with bf16(run.device):
@@ -181,7 +182,7 @@ def pass_features(backbone, dataset, name, run, stop_here=True):
                                    f"computed again): run the same command to start again")
     if out is None:
         return None
-    f, y = (utils.gather(t) for t in out)
+    f, y = [utils.gather(t) for t in out] if everywhere else out
     return f[y >= 0], y[y >= 0], watch.count
 
 
@@ -190,14 +191,15 @@ def knn_eval(backbone, train, val, run):
     """Top-1 of each k-NN in KNN on frozen features: the authors' 5-NN Euclidean majority on
     raw features and DINO's 20-NN weighted cosine; queries in chunks so ImageNet's bank fits."""
     bank, bank_labels, bad_train = pass_features(backbone, train, "train", run)
-    q, q_labels, bad_val = pass_features(backbone, val, "val", run)
+    q, q_labels, bad_val = pass_features(backbone, val, "val", run, everywhere=False)  # a shard
     if any(k > len(bank) for _, k, _, _ in KNN):
         run.progress.print(f"note: the bank holds {len(bank)} images; each k larger than that is "
                            f"clamped to {len(bank)}")
     result = {"unreadable": bad_train + bad_val}
     for key, k, temperature, _ in KNN:
         pred = knn_predict(bank, bank_labels, q, k, temperature, run.args.knn_chunk)
-        result[key] = 100 * (pred == q_labels).double().mean().item()
+        hits = utils.sum_over_ranks((pred == q_labels).sum().double())   # of every rank's shard
+        result[key] = 100 * (hits / len(val)).item()
     run.progress.print(f"k-NN on {len(val)} val images, bank of {len(train)}: "
                    + ", ".join(f"{label} top-1 {result[key]:.2f}%" for key, _, _, label in KNN))
     return result
@@ -242,8 +244,7 @@ def build_state(backbone, dim, classes, args, device, world):
     head.bias.data.zero_()
     model = Classifier(backbone, head, finetune)
     if world > 1:       # fine-tuning's BN statistics: rank 0's on every rank, as DDP keeps them
-        model = utils.distributed_data_parallel(model, device)
-        model.broadcast_buffers = finetune
+        model = utils.distributed_data_parallel(model, device, broadcast_buffers=finetune)
     groups = [{"params": list(head.parameters()), "base_lr": args.lr_classifier * args.batch_size / 256}]
     if finetune:
         groups.append({"params": list(backbone.parameters()),
@@ -292,15 +293,17 @@ def train_one_epoch(state, loader, epoch, step, run, guard):
 
 @torch.no_grad()
 def evaluate(model, val, run):
-    """Top-1 and top-5 (%) on the whole val set, each rank encoding a shard, and the number of
-    unreadable images replaced; None when a stop signal comes."""
+    """Top-1 and top-5 (%) on the whole val set, each rank scoring a shard, hits summed, and the
+    number of unreadable images replaced; None when a stop signal comes."""
     classifier = utils.unwrap(model)
-    out = pass_features(classifier.backbone, val, "val", run, stop_here=False)
+    out = pass_features(classifier.backbone, val, "val", run, stop_here=False, everywhere=False)
     if out is None:
         return None
     f, y, unreadable = out
     top = classifier.head(f).topk(min(5, classifier.head.out_features), dim=1).indices == y[:, None]
-    return 100 * top[:, 0].double().mean().item(), 100 * top.any(dim=1).double().mean().item(), unreadable
+    hits = utils.sum_over_ranks(torch.stack([top[:, 0].sum(), top.any(dim=1).sum()]).double())
+    acc1, acc5 = (100 * (hits / len(val))).tolist()
+    return acc1, acc5, unreadable
 
 
 def full_state(backbone, head):
@@ -545,7 +548,6 @@ def fit(backbone, dim, train, val, classes, run, folder):
             guard.stop_if_asked(step)
         end_epoch(state, scores, epoch, step, run, guard)
         guard.stop_if_asked(step)
-    guard.close()
     if epoch >= args.epochs:
         run.progress.print(f"already finished: {ckpt.path} is at epoch {epoch} of {args.epochs}")
     best = state.best

@@ -3092,6 +3092,55 @@ def test_knn_end_to_end(folder, backbone_pth, tmp_path, capsys, subset):
     assert printed.count("note: the bank holds 12 images") == (1 if subset else 0)
 
 
+def shard_scoring_worker(rank, port, store, argv, val, model, out):
+    """Rank `rank` of two: a k-NN run (eval_linear.main, as torchrun starts it), then evaluate()
+    of a fixed linear protocol's classifier in a process group of its own."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    scored, knn_predict = [], eval_linear.knn_predict          # how many queries each call scores
+    eval_linear.knn_predict = lambda bank, labels, q, *a: scored.append(len(q)) or knn_predict(bank, labels, q, *a)
+    knn = eval_linear.main(argv)
+    model.head.register_forward_hook(lambda m, inputs, y: scored.append(len(inputs[0])))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    args = eval_linear.parse_args(argv)
+    run = eval_linear.Run(rank, 2, torch.device("cpu"), args, utils.Progress(str(out), rank, 1, 1, 100),
+                          utils.StopSignals(), utils.Unreadable(0.01))
+    result = eval_linear.evaluate(model, val, run)
+    torch.save({"knn": knn, "evaluate": result, "scored": scored}, out / f"r.{rank}")
+    utils.leave_process_group()
+
+
+def test_two_ranks_score_their_shards_of_the_val_set_as_one_process_scores_it(folder, tmp_path):
+    """Each rank scores its own shard of the val set, the hits summed over the ranks (no rank
+    scores the whole set): k-NN's top-1 on two ranks against the brute-force closed form on the
+    whole set, and evaluate()'s top-1 and top-5 of a fixed classifier on 11 val images (so one
+    shard is padded) against the same classifier on all 11 in this process."""
+    torch.save(probe_backbone(folder).state_dict(), tmp_path / "backbone.pth")
+    argv = common(folder, tmp_path / "knn", "--pretrained", str(tmp_path / "backbone.pth"), "--knn")
+    argv.remove("--small-images")     # implied by the 3×3 conv1 in the file
+    args = eval_linear.parse_args(argv)
+    val = torch.utils.data.Subset(eval_linear.datasets(args, small_images=True)[1], range(11))
+    torch.manual_seed(1)
+    head = nn.Linear(512, 3)
+    model = eval_linear.Classifier(probe_backbone(folder), head, finetune=False)
+    forked(shard_scoring_worker, free_port(), tmp_path / "store", argv, val, model, tmp_path)
+    ranks = [torch.load(tmp_path / f"r.{rank}", weights_only=False) for rank in (0, 1)]
+    net = probe_backbone(folder)
+    with torch.no_grad():
+        bank, queries = net(images(folder)), net(images(folder, "val"))
+        f, y = utils.features(net, val, torch.device("cpu"))
+        top = head(f).topk(3, dim=1).indices == y[:, None]
+    labels, truth = torch.arange(3).repeat_interleave(8), torch.arange(3).repeat_interleave(4)
+    for key, k, t in [("knn5_euclidean_majority_top1", 5, None), ("knn20_cosine_weighted_top1", 20, 0.07)]:
+        acc = 100 * (brute_force_knn(bank, labels, queries, k, t) == truth).double().mean().item()
+        assert ranks[0]["knn"][key] == pytest.approx(acc, abs=1e-9)
+    assert ranks[0]["knn"]["unreadable"] == 0 and ranks[1]["knn"] is not None
+    want = (100 * top[:, 0].double().mean().item(), 100 * top.any(dim=1).double().mean().item(), 0)
+    for r in ranks:
+        assert r["evaluate"] == pytest.approx(want, abs=1e-9)
+    assert [r["scored"] for r in ranks] == [[6, 6, 6], [6, 6, 5]]     # 12 queries twice; 11 images
+
+
 # ----------------------------------------------------------------------------- checkpoint layouts
 def args_for(path, arch="resnet18", momentum_encoder=False):
     return argparse.Namespace(pretrained=str(path), arch=arch, small_images=True, momentum_encoder=momentum_encoder)

@@ -217,13 +217,18 @@ def gather(z):
     return z
 
 
-def mean_over_ranks(t):
-    """The mean of t over the ranks: an all-reduce on t's device (under NCCL, no host sync)."""
+def sum_over_ranks(t):
+    """The sum of t over the ranks: an all-reduce on t's device (under NCCL, no host sync)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = t.clone()
         dist.all_reduce(t)
-        t /= dist.get_world_size()
     return t
+
+
+def mean_over_ranks(t):
+    """The mean of t over the ranks."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return t if world == 1 else sum_over_ranks(t) / world
 
 
 def destroy_process_group():
@@ -1611,13 +1616,13 @@ def convert_sync_batchnorm(module):
     return module
 
 
-def distributed_data_parallel(module, device):
-    """DDP of `module` without a broadcast of its buffers at each forward: SyncBatchNorm keeps the
-    BN statistics equal on every rank. (Switched off once built: the constructor's flag for it is
-    deprecated in recent torch, under another name that older torch lacks.)"""
+def distributed_data_parallel(module, device, broadcast_buffers=False):
+    """DDP of `module`, by default without a broadcast of its buffers at each forward:
+    SyncBatchNorm keeps the BN statistics equal on every rank. (Set once built: the constructor's
+    flag for it is deprecated in recent torch, under another name that older torch lacks.)"""
     model = nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None)
-    model.broadcast_buffers = False
+    model.broadcast_buffers = broadcast_buffers
     return model
 
 

@@ -160,6 +160,9 @@ MUTANTS = [
      "diverged_evaluation or evaluation_in_two_ranks"),
     ("eval: each rank decides alone to skip", "eval_linear.py",
      "loss = utils.mean_over_ranks(loss.detach())", "loss = loss.detach()", "evaluation_in_two_ranks"),
+    ("eval: k-NN hits of this rank's shard only", "eval_linear.py",
+     "hits = utils.sum_over_ranks((pred == q_labels).sum().double())   # of every rank's shard",
+     "hits = (pred == q_labels).sum().double()", "score_their_shards"),
 ]
 
 
